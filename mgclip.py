@@ -84,7 +84,7 @@ class Settings:
 DATASET_DEFAULTS = {
     "cifar100": dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, seed=42,
                      model="ViT-B-16"),
-    "synthetic": dict(tasks=4, lr=1e-3, batch_size=16, vis_lr=5e-4, vis_batch_size=16, seed=0,
+    "synthetic": dict(tasks=4, lr=1e-2, batch_size=16, vis_lr=5e-4, vis_batch_size=16, seed=0,
                       model="tiny"),
 }
 
@@ -229,7 +229,7 @@ def synthetic_benchmark(cfg: Settings) -> Benchmark:
 
     def sample(per_class):
         labels = torch.arange(n).repeat_interleave(per_class)
-        x = layouts[labels] + 0.25 * torch.randn(len(labels), 3, size, size, generator=g)
+        x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
     syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]

@@ -1,0 +1,259 @@
+"""Checks of mgclip.py on a tiny synthetic benchmark and tiny files written here; never touches the network."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mgclip as M
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No test may download: the hub is offline and its cache is empty."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def settings(*args):
+    return M.parse_settings(["--dataset", "synthetic", "--no-progress", *args])
+
+
+def fail(argv) -> str:
+    """The one-line error that main() exits with."""
+    with pytest.raises(SystemExit) as e:
+        M.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("mgclip: error: ") and "\n" not in message, message
+    return message
+
+
+def write_cifar100(root: Path, per_class=(2, 1)):
+    """A tiny CIFAR-100 in torchvision's pickle format: `per_class` train / test images of each class."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in zip(("train", "test"), per_class):
+        labels = [c for c in range(100) for _ in range(n)]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        data[:, 0] = labels  # the first red pixel tells the class, to check the relabelling
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels),
+                         "filenames": [f"{i}.png" for i in range(len(labels))], "batch_label": name}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class_{c}" for c in range(100)],
+                     "coarse_label_names": [f"super_{c}" for c in range(20)]}, f)
+    return root
+
+
+# ---------------------------------------------------------------- task splits and class orders
+def test_split_tasks_even_and_initial_increment():
+    assert M.split_tasks(100, 10) == [range(i, i + 10) for i in range(0, 100, 10)]
+    assert M.split_tasks(10, 3, initial_increment=4) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert M.split_tasks(6, 1) == [range(0, 6)]
+
+
+@pytest.mark.parametrize("classes, tasks, inc", [(100, 7, 0), (10, 11, 0), (10, 4, 5), (10, 2, 11), (10, 0, 0)])
+def test_split_tasks_refuses_what_does_not_divide(classes, tasks, inc):
+    with pytest.raises(M.UserError, match="--tasks|--initial-increment"):
+        M.split_tasks(classes, tasks, inc)
+
+
+def test_cifar100_follows_the_class_order(tmp_path):
+    cfg = M.parse_settings(["--dataset", "cifar100", "--data-root", str(write_cifar100(tmp_path)), "--no-download"])
+    data = M.load_benchmark(cfg)
+    assert sorted(M.CIFAR100_ORDER) == list(range(100)) and M.CIFAR100_ORDER[:4] == [87, 0, 52, 58]
+    assert data.classnames[:3] == ["class_87", "class_0", "class_52"]
+    original = data.train.images[:, 0, 0, 0].long()  # the class id written into each image
+    assert torch.equal(torch.tensor(M.CIFAR100_ORDER)[data.train.labels], original)
+    assert len(data.train) == 200 and len(data.test) == 100
+
+
+def test_clear_error_for_classes_that_do_not_divide():
+    assert "--tasks" in fail(["--dataset", "synthetic", "--tasks", "3"])
+
+
+def test_unknown_dataset_is_one_line():
+    assert "--dataset" in fail(["--dataset", "mnist"])
+
+
+# ---------------------------------------------------------------- LoRA
+def tiny_clip():
+    return M.load_clip(settings(), torch.device("cpu"))
+
+
+def test_lora_leaves_the_model_unchanged_at_start_and_counts():
+    clip = tiny_clip()
+    images = clip.input(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    with torch.no_grad():
+        before = clip.model.encode_image(images), clip.model.encode_text(tokens)
+        lora = M.add_lora(clip.model, rank=8, alpha=1.0)
+        after = clip.model.encode_image(images), clip.model.encode_text(tokens)
+    # B = 0 adds exact zeros; only the kernel choice (fused vs. plain attention) may move the last bits
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+    # 2 blocks per tower x (key, value) x r x (d_in + d_out), width 64
+    assert sum(p.numel() for p in lora) == 2 * (2 * 2 * 8 * (64 + 64))
+    assert all(p.requires_grad for p in lora)
+    assert [p for p in clip.model.parameters() if p.requires_grad] == lora
+
+
+def test_lora_touches_keys_and_values_only():
+    clip = tiny_clip()
+    attn = next(m for m in clip.model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    w0 = attn.in_proj_weight.detach().clone()
+    M.add_lora(clip.model)
+    lora = attn.parametrizations.in_proj_weight[0]
+    with torch.no_grad():
+        lora.B.normal_()
+    w = attn.in_proj_weight.detach()
+    d = w.shape[1]
+    assert torch.equal(w[:d], w0[:d])  # queries untouched
+    assert not torch.allclose(w[d:2 * d], w0[d:2 * d]) and not torch.allclose(w[2 * d:], w0[2 * d:])
+    expected = (lora.B[1] @ lora.A[1]) / 8  # alpha / r = 1 / 8
+    assert torch.allclose(w[2 * d:] - w0[2 * d:], expected, atol=1e-6)
+
+
+def test_a_training_step_changes_only_lora():
+    cfg = settings("--epochs", "1", "--batch-size", "8")
+    clip = tiny_clip()
+    lora = M.add_lora(clip.model)
+    frozen = {n: p.detach().clone() for n, p in clip.model.named_parameters() if not p.requires_grad}
+    lora0 = [p.detach().clone() for p in lora]
+    split = M.Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 2)
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    list(M.train_task(clip, lora, split, tokens, range(0, 2), 1, cfg, seed=0))
+    assert all(torch.equal(p, frozen[n]) for n, p in clip.model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(lora, lora0))
+
+
+def test_vit_b16_has_491520_lora_parameters():
+    cfg = M.parse_settings(["--dataset", "cifar100", "--model", "ViT-B-16", "--pretrained", "none"])
+    clip = M.load_clip(cfg, torch.device("cpu"))
+    assert sum(p.numel() for p in M.add_lora(clip.model)) == 491_520
+
+
+# ---------------------------------------------------------------- the modality gap and fusion
+def test_modality_gap_by_hand():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    s_plus, s_minus, centroid = M.modality_gap(v, t, torch.tensor([0, 1]), 100.0)
+    assert s_plus == pytest.approx(90.0)  # (1 + 0.8) / 2
+    assert s_minus == pytest.approx(30.0)  # (0.6 + 0) / 2
+    assert centroid == pytest.approx(math.sqrt(0.3 ** 2 + 0.1 ** 2))  # |(.5, .5) - (.8, .4)|
+    # three classes: S- averages over the two non-matching ones
+    t3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    s_plus, s_minus, _ = M.modality_gap(torch.tensor([[2.0, 0.0]]), t3, torch.tensor([0]), 100.0)
+    assert (s_plus, s_minus) == (pytest.approx(100.0), pytest.approx(-50.0))
+
+
+def test_fuse_scores_by_hand():
+    fused = M.fuse_scores(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3)]]))
+    assert torch.allclose(fused, torch.tensor([[0.3, 0.7]]))  # (1 * .5 + 4 * .25) / 5, (1 * .5 + 4 * .75) / 5
+    # the text branch is softmaxed twice: softmax([.25, .75]) = [1, e^.5] / (1 + e^.5)
+    fused = M.fuse_scores(torch.tensor([[0.0, math.log(3)]]), torch.tensor([[0.0, 0.0]]))
+    p = 1 / (1 + math.exp(0.5))
+    assert torch.allclose(fused, torch.tensor([[(p + 2) / 5, (1 - p + 2) / 5]]))
+    assert torch.allclose(M.fuse_scores(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, math.log(3)]]), (1.0, 0.0)),
+                          torch.tensor([[0.5, 0.5]]))
+
+
+# ---------------------------------------------------------------- gap preservation
+@pytest.mark.parametrize("s_minus, e_star, drifted, trained", [
+    ([12.0] + [10.0] * 9, 1, True, 1),           # drift at epoch 1: E* = max(0, 1) = 1
+    ([10.5, 10.9, 11.5] + [10.0] * 7, 2, True, 3),  # first drift at epoch 3: E* = 2
+    ([9.5, 10.5] * 5, 10, False, 10),           # never beyond alpha: all 10 epochs
+    ([10.0, 8.9, 10.0] + [10.0] * 7, 1, True, 2),   # a drop counts as a drift too
+])
+def test_epoch_search_stops_where_the_rule_says(s_minus, e_star, drifted, trained):
+    ran = []
+
+    def epochs():
+        for e in range(1, 11):
+            ran.append(e)
+            yield e
+    values = iter(s_minus)
+    assert M.search_epochs(epochs(), lambda: next(values), 10.0, 0.1) == (e_star, drifted)
+    assert len(ran) == trained  # training stops at the drifting epoch
+
+
+# ---------------------------------------------------------------- metrics
+def test_continual_metrics_by_hand():
+    matrix = [[90.0], [80.0, 70.0], [60.0, 65.0, 50.0]]
+    m = M.continual_metrics([90.0, 75.0, 58.0], matrix)
+    assert m["avg"] == pytest.approx((90 + 75 + 58) / 3) and m["last"] == 58.0
+    assert m["forgetting"] == pytest.approx(((90 - 60) + (70 - 65)) / 2)
+    assert m["bwt"] == pytest.approx(((60 - 90) + (65 - 70)) / 2)
+    assert M.continual_metrics([80.0], [[80.0]])["forgetting"] is None
+
+
+def test_accuracy_from_counts():
+    correct, count = torch.tensor([1.0, 2.0, 0.0, 4.0]), torch.tensor([2.0, 2.0, 4.0, 4.0])
+    assert M.accuracy(correct, count, range(0, 2)) == pytest.approx(75.0)
+    assert M.accuracy(correct, count, range(0, 4)) == pytest.approx(7 / 12 * 100)
+
+
+# ---------------------------------------------------------------- the whole method on the synthetic benchmark
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    summary = M.run(settings("--out", str(out)))
+    return out, summary
+
+
+def test_synthetic_run_learns_and_compensation_helps(synthetic_run):
+    out, s = synthetic_run
+    chance = 100 / 20
+    assert len(s["acc"]) == 4 and s["last"] == s["acc"][-1]
+    assert s["last"] > 4 * chance and s["avg"] > 6 * chance
+    assert s["acc"][-1] > s["acc_text"][-1] + 10  # the visual classifier compensates
+    assert 1 <= s["epochs_star"] <= 10 and s["epochs_searched"]
+    assert s["lora_parameters"] == 8192
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == [1, 2, 3, 4]
+    assert [r["acc"] for r in rows] == s["acc"] and [r["acc_per_task"] for r in rows] == s["acc_matrix"]
+    assert all(set(r["gap_before"]) == {"s_plus", "s_minus", "centroid"} for r in rows)
+    assert s["avg"] == pytest.approx(sum(s["acc"]) / 4)
+    assert {"search", "train", "features", "classifier", "eval"} <= set(s["phases"])
+
+
+def test_fixed_epochs_skip_the_search(tmp_path):
+    s = M.run(settings("--epochs", "1", "--tasks", "2", "--out", str(tmp_path)))
+    assert s["epochs_star"] == 1 and not s["epochs_searched"] and "search" not in s["phases"]
+
+
+# ---------------------------------------------------------------- offline: one line, at once, naming the fix
+def test_cifar100_missing_offline_names_data_root(tmp_path):
+    assert "--data-root" in fail(["--dataset", "cifar100", "--data-root", str(tmp_path / "none")])
+    assert "--data-root" in fail(["--dataset", "cifar100", "--data-root", str(tmp_path / "none"), "--no-download"])
+
+
+def test_weights_unavailable_offline_names_pretrained(tmp_path):
+    root = write_cifar100(tmp_path / "data")
+    assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--out", str(tmp_path / "o")])
+    assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--pretrained", "nope"])
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--dataset", "cifar100", "--data-root",
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--data-root" in r.stderr
+
+
+def test_help_explains_every_flag():
+    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--help"], capture_output=True, text=True, timeout=120)
+    import dataclasses
+    for f in dataclasses.fields(M.Settings):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+    assert "default" in r.stdout

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+import torchvision
+import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
 
 log = logging.getLogger("mgclip")
@@ -48,12 +50,15 @@ def arg(default, help):
 
 @dataclass
 class Settings:
-    dataset: str = arg("cifar100", "benchmark: cifar100 | synthetic")
+    dataset: str = arg("cifar100", "benchmark: cifar100 | imagenet100 | imagenet-r | imagenet | folder | synthetic")
     tasks: int | None = arg(None, "number of tasks T (default: per dataset, 10 for cifar100)")
     initial_increment: int = arg(0, "classes in the first task; 0 splits all classes evenly")
     model: str | None = arg(None, "open_clip model name, or 'tiny' (random-init toy CLIP); default per dataset: ViT-B-16 | tiny")
     pretrained: str | None = arg(None, "open_clip weight tag, a local checkpoint file, or 'none' (default: openai)")
-    data_root: str = arg("data", "folder holding (or receiving) the datasets")
+    data_root: str = arg("data", "cifar100: folder holding (or receiving) cifar-100-python/; others: the folder "
+                                 "holding train/ and val/ (or test/)")
+    class_order: str | None = arg(None, "file of class indices giving the class order (default: the published "
+                                        "order, or a permutation drawn from --seed)")
     download: bool = arg(True, "allow downloading CIFAR-100 when it is missing (also off when HF_HUB_OFFLINE=1)")
     epochs: int | None = arg(None, "epochs per task; default: found by gap preservation on task 1")
     alpha: float = arg(0.1, "gap preservation: stop when |S-(e) - S-(0)| / S-(0) exceeds this")
@@ -72,6 +77,8 @@ class Settings:
     device: str = arg("auto", "auto | cuda | mps | cpu")
     workers: int = arg(4, "data-loader workers for datasets read from disk")
     eval_batch_size: int = arg(256, "batch for feature extraction and evaluation")
+    gpu_preprocess: bool = arg(False, "cifar100/synthetic: resize and normalise the uint8 images on the device "
+                                      "instead of in the loader workers")
     syn_classes: int = arg(20, "synthetic: number of classes")
     syn_train: int = arg(48, "synthetic: training images per class")
     syn_test: int = arg(16, "synthetic: test images per class")
@@ -82,9 +89,13 @@ class Settings:
 
 # The authors' per-dataset settings (METHOD.md); flags override them.
 DATASET_DEFAULTS = {
-    "cifar100": dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, seed=42,
-                     model="ViT-B-16"),
-    "synthetic": dict(tasks=4, lr=1e-2, batch_size=16, vis_lr=5e-4, vis_batch_size=16, seed=0,
+    "cifar100": dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, seed=42, model="ViT-B-16"),
+    "imagenet100": dict(tasks=10, lr=5e-4, batch_size=128, vis_lr=1e-3, vis_batch_size=128, seed=0, model="ViT-B-16"),
+    "imagenet-r": dict(tasks=10, lr=1e-3, batch_size=64, vis_lr=5e-4, vis_batch_size=32, seed=0, model="ViT-B-16"),
+    # not in the authors' table: ImageNet-100's settings
+    "imagenet": dict(tasks=10, lr=5e-4, batch_size=128, vis_lr=1e-3, vis_batch_size=128, seed=0, model="ViT-B-16"),
+    "folder": dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, seed=0, model="ViT-B-16"),
+    "synthetic": dict(tasks=4, lr=1e-2, batch_size=16, vis_lr=2e-3, vis_batch_size=16, seed=0,
                       model="tiny"),
 }
 
@@ -136,17 +147,42 @@ def seed_everything(seed: int):
 # ----------------------------------------------------------------------------
 # Data: class orders, task splits, benchmarks
 # ----------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def prepare(x: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIP's test-time geometry on uint8 images: bicubic resize of the short side to `size`, center crop."""
+    if x.shape[-2:] == (size, size):
+        return x
+    x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+def read_image(path: str) -> torch.Tensor:
+    """One image file as uint8 RGB (3, H, W), decoded by torchvision."""
+    try:
+        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
+
+
 @dataclass
-class Split:
-    """Images of one split as uint8 (N, 3, H, W) and labels as positions in the class order."""
-    images: torch.Tensor
+class Split(torch.utils.data.Dataset):
+    """One split: labels as class-order positions, images as a uint8 (N, 3, H, W) tensor or as files."""
     labels: torch.Tensor
+    images: torch.Tensor | None = None
+    files: list[str] | None = None
+    size: int | None = None  # resize + crop in the loader to this side; None leaves in-memory images as they are
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, idx):  # idx: a list of indices, so one call returns a whole batch
-        return self.images[idx], self.labels[idx]
+        if self.files is not None:
+            x = torch.stack([prepare(read_image(self.files[i]), self.size) for i in idx])
+        else:
+            x = self.images[idx] if self.size is None else prepare(self.images[idx], self.size)
+        return x, self.labels[idx]
 
 
 @dataclass
@@ -178,14 +214,32 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
 
-def reorder(images, labels, order) -> Split:
-    """Relabel class ids by their position in the class order, so every task is a contiguous range."""
-    position = torch.empty(len(order), dtype=torch.long)
-    position[torch.as_tensor(order)] = torch.arange(len(order))
-    return Split(images, position[torch.as_tensor(labels, dtype=torch.long)])
+def class_order(cfg: Settings, num_classes: int, default=None) -> list[int]:
+    """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
+    if cfg.class_order:
+        try:
+            order = [int(c) for c in Path(cfg.class_order).read_text().replace(",", " ").strip("[] \n").split()]
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read --class-order {cfg.class_order} ({type(e).__name__}); "
+                            f"give a file of class indices separated by spaces, commas or new lines") from None
+        if sorted(order) != list(range(num_classes)):
+            raise UserError(f"--class-order {cfg.class_order} must list each of the {num_classes} class indices "
+                            f"0..{num_classes - 1} exactly once")
+        return order
+    if default is not None:
+        return list(default)
+    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+
+
+def positions(order: list[int]) -> torch.Tensor:
+    """Inverse of the class order: the position of each original class id."""
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.as_tensor(order)] = torch.arange(len(order))
+    return inverse
 
 
 def downloads_allowed(cfg: Settings) -> bool:
+    """Downloads happen unless --no-download or HF_HUB_OFFLINE=1 says this machine is offline."""
     return cfg.download and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0")
 
 
@@ -193,11 +247,11 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
     folder = Path(cfg.data_root) / "cifar-100-python"
     files = [folder / name for name in ("train", "test", "meta")]
-    if not all(f.is_file() for f in files):
+    missing = [f for f in files if not f.is_file()]
+    if missing:
         if not downloads_allowed(cfg):
-            raise UserError(f"CIFAR-100 not found in {folder}; put torchvision's cifar-100-python folder under "
+            raise UserError(f"CIFAR-100 is missing {missing[0]}; put torchvision's cifar-100-python folder under "
                             f"--data-root, or allow the download (no --no-download, HF_HUB_OFFLINE unset)")
-        import torchvision
         try:
             torchvision.datasets.CIFAR100(cfg.data_root, download=True)
         except Exception as e:
@@ -211,14 +265,86 @@ def load_cifar100(cfg: Settings) -> Benchmark:
         except Exception as e:
             raise UserError(f"corrupt CIFAR-100 file {path} ({type(e).__name__}); delete it and download again") from None
 
-    meta = unpickle(files[2])
-    splits = []
-    for f in files[:2]:
-        d = unpickle(f)
-        images = torch.from_numpy(d["data"]).reshape(-1, 3, 32, 32)
-        splits.append(reorder(images, d["fine_labels"], CIFAR100_ORDER))
-    names = [meta["fine_label_names"][i] for i in CIFAR100_ORDER]
-    return Benchmark(splits[0], splits[1], names)
+    meta, train, test = unpickle(files[2]), unpickle(files[0]), unpickle(files[1])
+    order = class_order(cfg, 100, CIFAR100_ORDER)
+    where = positions(order)
+    splits = [Split(where[torch.as_tensor(d["fine_labels"])], torch.from_numpy(d["data"]).reshape(-1, 3, 32, 32))
+              for d in (train, test)]
+    return Benchmark(*splits, [meta["fine_label_names"][i] for i in order])
+
+
+def image_folders(root: Path) -> list[str]:
+    """The class folders (sorted names) directly under root."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def folder_split(folder: Path, classes: list[str]) -> Split:
+    """Every image of folder/<class>/ for the classes in class order, labelled by position."""
+    files, labels = [], []
+    for pos, name in enumerate(classes):
+        images = sorted(str(p) for p in (folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UserError(f"class folder {folder / name} has no images ({', '.join(IMAGE_SUFFIXES)}) or is missing")
+        files += images
+        labels += [pos] * len(images)
+    return Split(torch.tensor(labels), files=files)
+
+
+def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Split, Split]:
+    """The raw ImageNet-R download (ROOT/<wnid>/, no split): 80% train / 20% test per class, fixed by the seed."""
+    whole = folder_split(root, classes)
+    train, test = [], []
+    for pos in range(len(classes)):
+        idx = torch.nonzero(whole.labels == pos).squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 1000 + pos))]
+        cut = int(0.8 * len(idx))
+        train += idx[:cut].tolist()
+        test += idx[cut:].tolist()
+    pick = lambda ids: Split(whole.labels[ids], files=[whole.files[i] for i in ids])
+    return pick(sorted(train)), pick(sorted(test))
+
+
+def load_image_folders(cfg: Settings) -> Benchmark:
+    """ImageNet-100, ImageNet-R, ImageNet-1K or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root} does not exist; point it at the folder holding train/ and val/ (or test/)")
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()
+    if not raw and not (root / "train").is_dir():
+        raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
+    if not raw and test_dir is None:
+        raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
+    if cfg.dataset in ("imagenet100", "imagenet-r"):
+        listed = [line.strip().split(" ", 1) for line in
+                  (IMAGENET100_CLASSES if cfg.dataset == "imagenet100" else IMAGENET_R_CLASSES).split(";")]
+        wnids, names = [w for w, _ in listed], [n for _, n in listed]
+        order = class_order(cfg, len(wnids), IMAGENET100_ORDER if cfg.dataset == "imagenet100" else IMAGENET_R_ORDER)
+    else:
+        wnids = image_folders(root) if raw else image_folders(root / "train")
+        if not raw and wnids != image_folders(test_dir):
+            differ = sorted(set(wnids) ^ set(image_folders(test_dir)))
+            raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
+                            f"both need the same class folders")
+        if cfg.dataset == "imagenet":
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as names
+            if len(wnids) != 1000:
+                raise UserError(f"{root / 'train'} holds {len(wnids)} class folders, ImageNet-1K has 1000")
+            order = class_order(cfg, 1000, range(1000))
+        else:
+            names = [n.replace("_", " ") for n in wnids]
+            if (root / "classnames.txt").is_file():
+                names = [n.strip() for n in (root / "classnames.txt").read_text().splitlines() if n.strip()]
+                if len(names) != len(wnids):
+                    raise UserError(f"{root / 'classnames.txt'} has {len(names)} names for {len(wnids)} class "
+                                    f"folders; give one name per line in sorted folder order")
+            order = class_order(cfg, len(wnids))
+    classes = [wnids[i] for i in order]
+    if raw:
+        train, test = split_raw_imagenet_r(root, classes, cfg.seed)
+    else:
+        train, test = folder_split(root / "train", classes), folder_split(test_dir, classes)
+    return Benchmark(train, test, [names[i] for i in order])
 
 
 def synthetic_benchmark(cfg: Settings) -> Benchmark:
@@ -230,44 +356,46 @@ def synthetic_benchmark(cfg: Settings) -> Benchmark:
     def sample(per_class):
         labels = torch.arange(n).repeat_interleave(per_class)
         x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), labels
+        return Split(labels, (x.clamp(0, 1) * 255).round().to(torch.uint8))
 
     syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]
     names = set()
     while len(names) < n:
         names.add("".join(syllables[i] for i in torch.randint(len(syllables), (3,), generator=g)))
     names = sorted(names)
-    order = torch.randperm(n, generator=g).tolist()
+    order = class_order(cfg, n)
     train, test = sample(cfg.syn_train), sample(cfg.syn_test)
-    return Benchmark(reorder(*train, order), reorder(*test, order), [names[i] for i in order])
+    where = positions(order)
+    for split in (train, test):
+        split.labels = where[split.labels]
+    return Benchmark(train, test, [names[i] for i in order])
 
 
 def load_benchmark(cfg: Settings) -> Benchmark:
     """The benchmark named by --dataset, labels already in class-order positions."""
-    return {"cifar100": load_cifar100, "synthetic": synthetic_benchmark}[cfg.dataset](cfg)
+    if cfg.dataset == "cifar100":
+        return load_cifar100(cfg)
+    if cfg.dataset == "synthetic":
+        return synthetic_benchmark(cfg)
+    return load_image_folders(cfg)
 
 
-def batches(split: Split, classes: range, batch_size: int, shuffle: bool, device, seed: int = 0):
-    """Batches of (uint8 images, labels) of the given classes; pinned for fast copies on CUDA."""
+def batches(split: Split, classes: range, batch_size: int, shuffle: bool, cfg: Settings, device, seed: int = 0):
+    """Batches of (uint8 images, labels) of the given classes; workers and pinned memory where they help."""
     idx = torch.nonzero((split.labels >= classes.start) & (split.labels < classes.stop)).squeeze(1)
     if shuffle:
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
     sampler = torch.utils.data.BatchSampler(idx.tolist(), batch_size, drop_last=False)
-    return torch.utils.data.DataLoader(split, sampler=sampler, batch_size=None,
-                                       pin_memory=device.type == "cuda")
+    busy = split.files is not None or split.size is not None  # decoding or resizing: worth worker processes
+    workers = cfg.workers if busy else 0
+    return torch.utils.data.DataLoader(split, sampler=sampler, batch_size=None, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
 
 
 def to_model_input(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """CLIP's test-time transform on a uint8 batch: bicubic resize, center crop, mean/std normalisation."""
-    x = x.float()
-    if x.shape[-2:] != (size, size):
-        h, w = x.shape[-2:]
-        short = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-        # antialiased bicubic matches PIL's filter, which open_clip's transform uses; round as PIL does
-        x = F.interpolate(x, size=short, mode="bicubic", antialias=True, align_corners=False)
-        top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-        x = x[..., top: top + size, left: left + size].round().clamp(0, 255)
-    return (x / 255 - mean) / std
+    """CLIP's test-time transform finished on the device: resize/crop if still needed, then mean/std."""
+    return (prepare(x, size).float() / 255 - mean) / std
 
 
 # ----------------------------------------------------------------------------
@@ -372,7 +500,7 @@ def image_features(clip: Clip, split: Split, classes: range, cfg: Settings, desc
     """L2-normalised image features v_i and labels of one split's images of the given classes (one pass)."""
     device = clip.mean.device
     feats, labels = [], []
-    for x, y in tqdm(batches(split, classes, cfg.eval_batch_size, False, device), desc=desc,
+    for x, y in tqdm(batches(split, classes, cfg.eval_batch_size, False, cfg, device), desc=desc,
                      leave=False, disable=not cfg.progress):
         with autocast(device), parametrize.cached():
             feats.append(clip.model.encode_image(clip.input(x)))
@@ -406,7 +534,7 @@ def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: i
     task_tokens = tokens[classes.start: classes.stop].to(device)  # the loss reads only these columns
     for epoch in range(1, epochs + 1):
         loss_sum, steps = torch.zeros((), device=device), 0
-        data = batches(split, classes, cfg.batch_size, True, device, seed=seed * 1000 + epoch)
+        data = batches(split, classes, cfg.batch_size, True, cfg, device, seed=seed * 1000 + epoch)
         for x, y in tqdm(data, desc=f"train t{classes.start}-{classes.stop - 1} ep{epoch}", leave=False,
                          disable=not cfg.progress):
             with autocast(device), parametrize.cached():
@@ -483,7 +611,7 @@ def evaluate(clip: Clip, split: Split, text_feats, classifier, cfg: Settings):
     w = F.normalize(classifier, dim=-1)
     correct = torch.zeros(3, seen, device=device)
     count = torch.zeros(seen, device=device)
-    for x, y in tqdm(batches(split, range(seen), cfg.eval_batch_size, False, device), desc="evaluate",
+    for x, y in tqdm(batches(split, range(seen), cfg.eval_batch_size, False, cfg, device), desc="evaluate",
                      leave=False, disable=not cfg.progress):
         y = y.to(device, non_blocking=True)
         with autocast(device), parametrize.cached():
@@ -569,6 +697,9 @@ def run(cfg: Settings) -> dict:
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     clip = load_clip(cfg, device)
+    for split in (data.train, data.test):  # files resize in the loader workers; in-memory images unless asked
+        on_device = split.files is None and (cfg.gpu_preprocess or split.images.shape[-2:] == (clip.image_size,) * 2)
+        split.size = None if on_device else clip.image_size
     lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
     untouched = [p.detach().clone() for p in lora]
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
@@ -667,13 +798,92 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# Class orders (data/class_orders.json of the authors' setup)
+# Class lists and orders, out of the reader's way
 # ----------------------------------------------------------------------------
-CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24,
-                  32, 45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20,
-                  80, 73, 1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70,
-                  90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54,
-                  26, 35, 39]
+# ImageNet-100 and ImageNet-R: "wnid name" in index order (data/*_classes.tsv), and the class orders of the
+# authors' setup (data/class_orders.json): the class at position p of the order is ORDER[p].
+IMAGENET100_CLASSES = """
+n01440764 tench; n01443537 goldfish; n01484850 great white shark; n01491361 tiger shark; n01494475 hammerhead shark;
+n01496331 electric ray; n01498041 stingray; n01514668 rooster; n01514859 hen; n01518878 ostrich; n01530575
+brambling; n01531178 goldfinch; n01532829 house finch; n01534433 junco; n01537544 indigo bunting; n01558993 American
+robin; n01560419 bulbul; n01580077 jay; n01582220 magpie; n01592084 chickadee; n01601694 American dipper; n01608432
+kite (bird of prey); n01614925 bald eagle; n01616318 vulture; n01622779 great grey owl; n01629819 fire salamander;
+n01630670 smooth newt; n01631663 newt; n01632458 spotted salamander; n01632777 axolotl; n01641577 American bullfrog;
+n01644373 tree frog; n01644900 tailed frog; n01664065 loggerhead sea turtle; n01665541 leatherback sea turtle;
+n01667114 mud turtle; n01667778 terrapin; n01669191 box turtle; n01675722 banded gecko; n01677366 green iguana;
+n01682714 Carolina anole; n01685808 desert grassland whiptail lizard; n01687978 agama; n01688243 frilled-necked
+lizard; n01689811 alligator lizard; n01692333 Gila monster; n01693334 European green lizard; n01694178 chameleon;
+n01695060 Komodo dragon; n01697457 Nile crocodile; n01698640 American alligator; n01704323 triceratops; n01728572
+worm snake; n01728920 ring-necked snake; n01729322 eastern hog-nosed snake; n01729977 smooth green snake; n01734418
+kingsnake; n01735189 garter snake; n01737021 water snake; n01739381 vine snake; n01740131 night snake; n01742172 boa
+constrictor; n01744401 African rock python; n01748264 Indian cobra; n01749939 green mamba; n01751748 sea snake;
+n01753488 Saharan horned viper; n01755581 eastern diamondback rattlesnake; n01756291 sidewinder rattlesnake;
+n01768244 trilobite; n01770081 harvestman; n01770393 scorpion; n01773157 yellow garden spider; n01773549 barn
+spider; n01773797 European garden spider; n01774384 southern black widow; n01774750 tarantula; n01775062 wolf
+spider; n01776313 tick; n01784675 centipede; n01795545 black grouse; n01796340 ptarmigan; n01797886 ruffed grouse;
+n01798484 prairie grouse; n01806143 peafowl; n01806567 quail; n01807496 partridge; n01817953 african grey parrot;
+n01818515 macaw; n01819313 sulphur-crested cockatoo; n01820546 lorikeet; n01824575 coucal; n01828970 bee eater;
+n01829413 hornbill; n01833805 hummingbird; n01843065 jacamar; n01843383 toucan; n01847000 duck; n01855032
+red-breasted merganser; n01855672 goose
+"""
+IMAGENET_R_CLASSES = """
+n01443537 goldfish; n01484850 great_white_shark; n01494475 hammerhead; n01498041 stingray; n01514859 hen; n01518878
+ostrich; n01531178 goldfinch; n01534433 junco; n01614925 bald_eagle; n01616318 vulture; n01630670 common_newt;
+n01632777 axolotl; n01644373 tree_frog; n01677366 common_iguana; n01694178 African_chameleon; n01748264
+Indian_cobra; n01770393 scorpion; n01774750 tarantula; n01784675 centipede; n01806143 peacock; n01820546 lorikeet;
+n01833805 hummingbird; n01843383 toucan; n01847000 drake; n01855672 goose; n01860187 black_swan; n01882714 koala;
+n01910747 jellyfish; n01944390 snail; n01983481 American_lobster; n01986214 hermit_crab; n02007558 flamingo;
+n02009912 American_egret; n02051845 pelican; n02056570 king_penguin; n02066245 grey_whale; n02071294 killer_whale;
+n02077923 sea_lion; n02085620 Chihuahua; n02086240 Shih-Tzu; n02088094 Afghan_hound; n02088238 basset; n02088364
+beagle; n02088466 bloodhound; n02091032 Italian_greyhound; n02091134 whippet; n02092339 Weimaraner; n02094433
+Yorkshire_terrier; n02096585 Boston_bull; n02097298 Scotch_terrier; n02098286 West_Highland_white_terrier; n02099601
+golden_retriever; n02099712 Labrador_retriever; n02102318 cocker_spaniel; n02106030 collie; n02106166 Border_collie;
+n02106550 Rottweiler; n02106662 German_shepherd; n02108089 boxer; n02108915 French_bulldog; n02109525 Saint_Bernard;
+n02110185 Siberian_husky; n02110341 dalmatian; n02110958 pug; n02112018 Pomeranian; n02112137 chow; n02113023
+Pembroke; n02113624 toy_poodle; n02113799 standard_poodle; n02114367 timber_wolf; n02117135 hyena; n02119022
+red_fox; n02123045 tabby; n02128385 leopard; n02128757 snow_leopard; n02129165 lion; n02129604 tiger; n02130308
+cheetah; n02134084 ice_bear; n02138441 meerkat; n02165456 ladybug; n02190166 fly; n02206856 bee; n02219486 ant;
+n02226429 grasshopper; n02233338 cockroach; n02236044 mantis; n02268443 dragonfly; n02279972 monarch; n02317335
+starfish; n02325366 wood_rabbit; n02346627 porcupine; n02356798 fox_squirrel; n02363005 beaver; n02364673
+guinea_pig; n02391049 zebra; n02395406 hog; n02398521 hippopotamus; n02410509 bison; n02423022 gazelle; n02437616
+llama; n02445715 skunk; n02447366 badger; n02480495 orangutan; n02480855 gorilla; n02481823 chimpanzee; n02483362
+gibbon; n02486410 baboon; n02510455 giant_panda; n02526121 eel; n02607072 anemone_fish; n02655020 puffer; n02672831
+accordion; n02701002 ambulance; n02749479 assault_rifle; n02769748 backpack; n02793495 barn; n02797295 barrow;
+n02802426 basketball; n02808440 bathtub; n02814860 beacon; n02823750 beer_glass; n02841315 binoculars; n02843684
+birdhouse; n02883205 bow_tie; n02906734 broom; n02909870 bucket; n02939185 caldron; n02948072 candle; n02950826
+cannon; n02951358 canoe; n02966193 carousel; n02980441 castle; n02992529 cellular_telephone; n03124170 cowboy_hat;
+n03272010 electric_guitar; n03345487 fire_engine; n03372029 flute; n03424325 gasmask; n03452741 grand_piano;
+n03467068 guillotine; n03481172 hammer; n03494278 harmonica; n03495258 harp; n03498962 hatchet; n03594945 jeep;
+n03602883 joystick; n03630383 lab_coat; n03649909 lawn_mower; n03676483 lipstick; n03710193 mailbox; n03773504
+missile; n03775071 mitten; n03888257 parachute; n03930630 pickup; n03947888 pirate; n04086273 revolver; n04118538
+rugby_ball; n04133789 sandal; n04141076 sax; n04146614 school_bus; n04147183 schooner; n04192698 shield; n04254680
+soccer_ball; n04266014 space_shuttle; n04275548 spider_web; n04310018 steam_locomotive; n04325704 stole; n04347754
+submarine; n04389033 tank; n04409515 tennis_ball; n04465501 tractor; n04487394 trombone; n04522168 vase; n04536866
+violin; n04552348 warplane; n04591713 wine_bottle; n07614500 ice_cream; n07693725 bagel; n07695742 pretzel;
+n07697313 cheeseburger; n07697537 hotdog; n07714571 head_cabbage; n07714990 broccoli; n07718472 cucumber; n07720875
+bell_pepper; n07734744 mushroom; n07742313 Granny_Smith; n07745940 strawberry; n07749582 lemon; n07753275 pineapple;
+n07753592 banana; n07768694 pomegranate; n07873807 pizza; n07880968 burrito; n07920052 espresso; n09472597 volcano;
+n09835506 ballplayer; n10565667 scuba_diver; n12267677 acorn
+"""
+CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32,
+                  45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73,
+                  1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89,
+                  43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39]
+IMAGENET100_ORDER = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76, 40, 89, 3, 92, 55, 9, 26, 80, 43, 38, 58, 70, 77, 1, 85,
+                     19, 17, 50, 28, 53, 13, 81, 45, 82, 6, 59, 83, 16, 15, 44, 91, 41, 72, 60, 79, 52, 20, 10, 31,
+                     54, 37, 95, 14, 71, 96, 98, 97, 2, 64, 66, 42, 22, 35, 86, 24, 34, 87, 21, 99, 0, 88, 27, 18,
+                     94, 11, 12, 47, 25, 30, 46, 62, 69, 36, 61, 7, 63, 75, 5, 32, 4, 51, 48, 73, 93, 39, 67, 29,
+                     49, 57, 33]
+IMAGENET_R_ORDER = [150, 119, 193, 2, 75, 179, 129, 68, 145, 53, 171, 133, 31, 103, 146, 174, 149, 40, 142, 30, 183,
+                    156, 167, 166, 124, 56, 109, 198, 185, 170, 51, 55, 77, 32, 45, 23, 115, 39, 134, 177, 12, 126,
+                    130, 37, 19, 34, 0, 135, 161, 108, 128, 18, 141, 24, 154, 160, 78, 85, 89, 73, 152, 112, 114,
+                    104, 44, 93, 138, 107, 100, 163, 3, 148, 147, 35, 199, 50, 25, 96, 79, 172, 98, 140, 22, 162, 6,
+                    27, 60, 144, 197, 67, 165, 196, 102, 71, 65, 47, 9, 122, 42, 63, 61, 180, 97, 84, 157, 168, 69,
+                    41, 83, 92, 190, 191, 59, 72, 111, 155, 105, 57, 17, 116, 13, 28, 43, 136, 5, 14, 169, 7, 62,
+                    110, 189, 95, 8, 4, 137, 194, 90, 74, 70, 113, 186, 132, 192, 33, 36, 158, 188, 94, 121, 164,
+                    58, 11, 178, 151, 184, 1, 10, 64, 15, 106, 52, 176, 26, 81, 82, 88, 125, 46, 123, 91, 187, 86,
+                    20, 76, 80, 66, 120, 131, 16, 159, 101, 87, 99, 195, 143, 21, 49, 38, 181, 29, 153, 54, 173,
+                    127, 117, 182, 139, 118, 48, 175]
 
 if __name__ == "__main__":
     main()

@@ -128,7 +128,7 @@ def test_a_training_step_changes_only_lora():
     lora = M.add_lora(clip.model)
     frozen = {n: p.detach().clone() for n, p in clip.model.named_parameters() if not p.requires_grad}
     lora0 = [p.detach().clone() for p in lora]
-    split = M.Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 2)
+    split = M.Split(torch.arange(8) % 2, torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     list(M.train_task(clip, lora, split, tokens, range(0, 2), 1, cfg, seed=0))
     assert all(torch.equal(p, frozen[n]) for n, p in clip.model.named_parameters() if not p.requires_grad)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+import PIL.Image
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from tqdm.auto import tqdm
@@ -158,12 +159,16 @@ def prepare(x: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(x, [size, size])
 
 
-def read_image(path: str) -> torch.Tensor:
-    """One image file as uint8 RGB (3, H, W), decoded by torchvision."""
+def read_image(path: str, size: int | None) -> torch.Tensor:
+    """One image file as uint8 RGB (3, size, size) through open_clip's own steps: PIL decode, bicubic, crop."""
     try:
-        return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        with PIL.Image.open(path) as image:
+            image = image.convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
+    if size is not None:
+        image = TF.center_crop(TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC), [size, size])
+    return TF.pil_to_tensor(image)
 
 
 @dataclass
@@ -172,14 +177,14 @@ class Split(torch.utils.data.Dataset):
     labels: torch.Tensor
     images: torch.Tensor | None = None
     files: list[str] | None = None
-    size: int | None = None  # resize + crop in the loader to this side; None leaves in-memory images as they are
+    size: int | None = None  # resize + crop to this side in the loader workers; None: as stored
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, idx):  # idx: a list of indices, so one call returns a whole batch
         if self.files is not None:
-            x = torch.stack([prepare(read_image(self.files[i]), self.size) for i in idx])
+            x = torch.stack([read_image(self.files[i], self.size) for i in idx])
         else:
             x = self.images[idx] if self.size is None else prepare(self.images[idx], self.size)
         return x, self.labels[idx]
@@ -273,6 +278,12 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     return Benchmark(*splits, [meta["fine_label_names"][i] for i in order])
 
 
+def listed_classes(text: str) -> tuple[list[str], list[str]]:
+    """WordNet ids and names from a "wnid name; wnid name; ..." list."""
+    pairs = [" ".join(entry.split()).split(" ", 1) for entry in text.split(";")]
+    return [w for w, _ in pairs], [n for _, n in pairs]
+
+
 def image_folders(root: Path) -> list[str]:
     """The class folders (sorted names) directly under root."""
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -316,9 +327,7 @@ def load_image_folders(cfg: Settings) -> Benchmark:
     if not raw and test_dir is None:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
     if cfg.dataset in ("imagenet100", "imagenet-r"):
-        listed = [line.strip().split(" ", 1) for line in
-                  (IMAGENET100_CLASSES if cfg.dataset == "imagenet100" else IMAGENET_R_CLASSES).split(";")]
-        wnids, names = [w for w, _ in listed], [n for _, n in listed]
+        wnids, names = listed_classes(IMAGENET100_CLASSES if cfg.dataset == "imagenet100" else IMAGENET_R_CLASSES)
         order = class_order(cfg, len(wnids), IMAGENET100_ORDER if cfg.dataset == "imagenet100" else IMAGENET_R_ORDER)
     else:
         wnids = image_folders(root) if raw else image_folders(root / "train")
@@ -791,8 +800,8 @@ def print_table(rows, summary):
 def main(argv=None):
     try:
         run(parse_settings(argv))
-    except UserError as e:
-        sys.exit(f"mgclip: error: {e}")
+    except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
+        sys.exit(f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
     except KeyboardInterrupt:
         sys.exit("mgclip: interrupted")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import PIL.Image
 
 import mgclip as M
 
@@ -257,3 +258,140 @@ def test_help_explains_every_flag():
     for f in dataclasses.fields(M.Settings):
         assert "--" + f.name.replace("_", "-") in r.stdout
     assert "default" in r.stdout
+
+
+# ---------------------------------------------------------------- image-folder benchmarks and their errors
+def write_images(folder: Path, n: int, size=(30, 40), seed=0, noise_seed=0):
+    """n small PNG files of one class: the colour drawn from `seed`, plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colour = torch.randint(0, 256, (3, 1, 1), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(noise_seed)
+    for i in range(n):
+        x = (colour + torch.randint(-20, 20, (3, *size), generator=g)).clamp(0, 255).to(torch.uint8)
+        PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"img{i}.png")
+
+
+def write_folder_dataset(root: Path, classes, train=4, test=2):
+    for k, c in enumerate(classes):
+        write_images(root / "train" / c, train, seed=k)
+        write_images(root / "val" / c, test, seed=k, noise_seed=1)
+    return root
+
+
+def test_cifar100_from_disk_runs_end_to_end(tmp_path):
+    root = write_cifar100(tmp_path / "data")
+    s = M.run(M.parse_settings(["--dataset", "cifar100", "--model", "tiny", "--data-root", str(root), "--no-download",
+                                "--tasks", "5", "--epochs", "1", "--out", str(tmp_path / "out"), "--no-progress"]))
+    assert len(s["acc"]) == 5 and len(s["acc_matrix"][-1]) == 5 and s["config"]["seed"] == 42
+
+
+def test_partial_or_corrupt_cifar100_names_the_file(tmp_path):
+    root = write_cifar100(tmp_path / "data")
+    (root / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    assert "cifar-100-python/test" in fail(["--dataset", "cifar100", "--data-root", str(root), "--model", "tiny"])
+    (root / "cifar-100-python" / "meta").unlink()
+    assert "cifar-100-python/meta" in fail(["--dataset", "cifar100", "--data-root", str(root), "--no-download"])
+
+
+def test_folder_dataset_runs_end_to_end_with_names_and_order(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", ["red_fox", "blue_jay", "sea_otter", "oak", "elm", "fir"])
+    (tmp_path / "order.txt").write_text("5, 0, 1\n2 3 4\n")
+    cfg = M.parse_settings(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "3",
+                            "--epochs", "1", "--class-order", str(tmp_path / "order.txt"), "--workers", "2",
+                            "--out", str(tmp_path / "out"), "--no-progress"])
+    data = M.load_benchmark(cfg)
+    # sorted folders: blue_jay elm fir oak red_fox sea_otter; underscores become spaces
+    assert data.classnames == ["sea otter", "blue jay", "elm", "fir", "oak", "red fox"]
+    assert len(data.train) == 24 and len(data.test) == 12
+    x, y = data.train[[0, 4]]
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 30, 40) and y.tolist() == [0, 1]
+    s = M.run(cfg)
+    assert len(s["acc"]) == 3 and s["acc"][0] > 50  # one colour per class: easy
+
+
+def test_folder_classnames_file(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1"], train=1, test=1)
+    (root / "classnames.txt").write_text("tabby cat\ngolden retriever\n")
+    data = M.load_benchmark(M.parse_settings(["--dataset", "folder", "--data-root", str(root), "--tasks", "1"]))
+    assert sorted(data.classnames) == ["golden retriever", "tabby cat"]
+
+
+def test_imagenet_r_raw_download_is_split_80_20_the_same_every_time(tmp_path):
+    wnids = M.listed_classes(M.IMAGENET_R_CLASSES)[0]
+    assert len(wnids) == 200 and wnids[0] == "n01443537"
+    for k, w in enumerate(wnids):
+        write_images(tmp_path / "r" / w, 5 if k else 10, size=(4, 4), seed=k)
+    cfg = M.parse_settings(["--dataset", "imagenet-r", "--data-root", str(tmp_path / "r")])
+    first, second = M.load_benchmark(cfg), M.load_benchmark(cfg)
+    assert first.train.files == second.train.files and first.test.files == second.test.files
+    assert len(first.train) == 199 * 4 + 8 and len(first.test) == 199 + 2
+    assert not set(first.train.files) & set(first.test.files)
+    assert first.classnames[0] == "mailbox"  # position 0 of the order is class 150
+    other = M.load_benchmark(M.parse_settings(["--dataset", "imagenet-r", "--data-root", str(tmp_path / "r"),
+                                               "--seed", "1"]))
+    assert other.train.files != first.train.files  # the split follows the seed
+
+
+def test_imagenet100_from_a_full_imagenet_folder(tmp_path):
+    wnids, names = M.listed_classes(M.IMAGENET100_CLASSES)
+    for k, w in enumerate(wnids + ["n99999999"]):  # one class that ImageNet-100 does not use
+        write_images(tmp_path / "in" / "train" / w, 1, size=(4, 4), seed=k)
+        write_images(tmp_path / "in" / "val" / w, 1, size=(4, 4), seed=k)
+    data = M.load_benchmark(M.parse_settings(["--dataset", "imagenet100", "--data-root", str(tmp_path / "in")]))
+    assert len(data.classnames) == 100 and len(data.train) == 100
+    assert data.classnames[0] == names[M.IMAGENET100_ORDER[0]] and names[:2] == ["tench", "goldfish"]
+    assert Path(data.train.files[0]).parent.name == wnids[M.IMAGENET100_ORDER[0]]
+
+
+@pytest.mark.parametrize("breakage, expect", [
+    ("no root", "--data-root"),
+    ("no train", "train"),
+    ("no val", "val"),
+    ("empty class", "c1"),
+    ("classes differ", "differ"),
+    ("more tasks", "--tasks"),
+    ("big increment", "--initial-increment"),
+    ("bad order", "--class-order"),
+])
+def test_bad_folder_input_gives_one_line(tmp_path, breakage, expect):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=1, test=1)
+    argv = ["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2", "--epochs", "1",
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    if breakage == "no root":
+        argv[5] = str(tmp_path / "missing")
+    elif breakage == "no train":
+        os.rename(root / "train", root / "training")
+    elif breakage == "no val":
+        os.rename(root / "val", root / "validation")
+    elif breakage == "empty class":
+        for f in (root / "train" / "c1").iterdir():
+            f.unlink()
+    elif breakage == "classes differ":
+        os.rename(root / "val" / "c3", root / "val" / "c9")
+    elif breakage == "more tasks":
+        argv[7] = "5"
+    elif breakage == "big increment":
+        argv += ["--initial-increment", "6"]
+    elif breakage == "bad order":
+        (tmp_path / "order.txt").write_text("0 1 1 2")
+        argv += ["--class-order", str(tmp_path / "order.txt")]
+    assert expect in fail(argv)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_is_named(tmp_path, workers):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1"], train=1, test=1)
+    (root / "val" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    message = fail(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "1", "--epochs",
+                    "1", "--workers", workers, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert "broken.jpg" in message and "Traceback" not in message
+
+
+def test_unknown_model_and_missing_weight_file(tmp_path):
+    root = write_cifar100(tmp_path / "data")
+    assert "--model" in fail(["--dataset", "cifar100", "--data-root", str(root), "--model", "ViT-X-99"])
+    assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--pretrained",
+                                   str(tmp_path / "missing.pt")])
+    (tmp_path / "wrong.pt").write_bytes(b"garbage")
+    assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--model", "ViT-B-32",
+                                   "--pretrained", str(tmp_path / "wrong.pt")])

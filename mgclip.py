@@ -84,7 +84,14 @@ class Settings:
     syn_train: int = arg(48, "synthetic: training images per class")
     syn_test: int = arg(16, "synthetic: test images per class")
     syn_size: int = arg(32, "synthetic: image side in pixels")
-    out: str | None = arg(None, "output folder (default: runs/<dataset>-T<tasks>-seed<seed>)")
+    preservation: bool = arg(True, "gap preservation: find E* on task 1 (--no-preservation: --max-epochs every task)")
+    compensation: bool = arg(True, "gap compensation: fuse the visual classifier (--no-compensation: text branch only)")
+    zeroshot_eval: str | None = arg(None, "also measure zero-shot accuracy on this dataset's test split before and "
+                                          "after the run (food101, cifar100, folder, ...)")
+    zeroshot_root: str | None = arg(None, "--data-root of the --zeroshot-eval dataset")
+    plot: bool = arg(False, "draw OUT/mgclip.png (accuracy and S+ / S- per task; needs matplotlib)")
+    out: str | None = arg(None, "output folder (default: runs/<dataset>-T<tasks>-seed<seed>[-variant])")
+    resume: str | None = arg(None, "continue the run in this output folder after its last finished task")
     progress: bool = arg(True, "show progress bars")
 
 
@@ -101,21 +108,34 @@ DATASET_DEFAULTS = {
 }
 
 
+# What a resumed run must share with its checkpoint: everything that changes the numbers.
+RESUME_KEYS = ("dataset", "tasks", "initial_increment", "class_order", "model", "pretrained", "epochs", "alpha",
+               "max_epochs", "lr", "batch_size", "vis_lr", "vis_batch_size", "vis_epochs", "text_weight",
+               "visual_weight", "lora_rank", "lora_alpha", "prompt", "seed", "syn_classes", "syn_train", "syn_test",
+               "syn_size", "preservation", "compensation", "zeroshot_eval")
+
+
 def parse_settings(argv=None) -> Settings:
-    """Settings from the command line, one flag per dataclass field, then per-dataset defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Settings from the command line (one flag per field), then per-dataset defaults or the resumed run's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(Settings)
     for f in dataclasses.fields(Settings):
         kind = next(a for a in typing.get_args(hints[f.name]) if a is not type(None)) \
             if typing.get_args(hints[f.name]) else hints[f.name]
-        name = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(name, type=kind, default=f.default, help=f.metadata["help"])
-    cfg = Settings(**vars(parser.parse_args(argv)))
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, metavar=f.name.upper(), help=text)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    if "resume" in given:
+        saved = load_checkpoint(given["resume"])["settings"]
+        for key in RESUME_KEYS:
+            if key in given and given[key] != saved[key]:
+                raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the checkpoint "
+                                f"of {given['resume']}; resume with the run's own settings or start a new --out")
+        return Settings(**{**saved, **given, "out": given["resume"]})
+    cfg = Settings(**given)
     if cfg.dataset not in DATASET_DEFAULTS:
         raise UserError(f"unknown --dataset '{cfg.dataset}'; choose one of {', '.join(DATASET_DEFAULTS)}")
     for key, value in DATASET_DEFAULTS[cfg.dataset].items():
@@ -126,8 +146,15 @@ def parse_settings(argv=None) -> Settings:
     if cfg.model == "tiny" and cfg.pretrained != "none":
         raise UserError("--model tiny is a random-init toy CLIP; drop --pretrained or pass --pretrained none")
     if cfg.out is None:
-        cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}"
+        cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}" + ("" if variant(cfg) == "mgclip" else
+                                                                        "-" + variant(cfg))
     return cfg
+
+
+def variant(cfg: Settings) -> str:
+    """The paper's row this run reproduces: mgclip, or its ablations without preservation and/or compensation."""
+    off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
+    return "-".join("no-" + name for name in off) or "mgclip"
 
 
 def pick_device(name: str) -> torch.device:
@@ -389,6 +416,38 @@ def load_benchmark(cfg: Settings) -> Benchmark:
     return load_image_folders(cfg)
 
 
+def load_food101(cfg: Settings) -> Benchmark:
+    """Food-101 (zero-shot retention) in torchvision's layout: food-101/images/, meta/{classes.txt,test.json}."""
+    folder = Path(cfg.data_root) / "food-101"
+    if not (folder / "meta" / "test.json").is_file():
+        if not downloads_allowed(cfg):
+            raise UserError(f"Food-101 not found in {folder}; put torchvision's food-101 folder under "
+                            f"--zeroshot-root, or allow the download (no --no-download, HF_HUB_OFFLINE unset)")
+        try:
+            torchvision.datasets.Food101(cfg.data_root, split="test", download=True)
+        except Exception as e:
+            raise UserError(f"could not download Food-101 into --zeroshot-root {cfg.data_root} ({e})") from None
+    classes = (folder / "meta" / "classes.txt").read_text().split()
+    where = {c: i for i, c in enumerate(classes)}
+
+    def split(name):
+        listed = json.loads((folder / "meta" / f"{name}.json").read_text()) if (folder / "meta" / f"{name}.json").is_file() else {}
+        files = [(str(folder / "images" / f"{item}.jpg"), where[c]) for c in classes for item in listed.get(c, [])]
+        return Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
+    return Benchmark(split("train"), split("test"), [c.replace("_", " ") for c in classes])
+
+
+def load_zeroshot(cfg: Settings) -> Benchmark:
+    """The --zeroshot-eval dataset (food101 or any --dataset), read from --zeroshot-root."""
+    other = dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, data_root=cfg.zeroshot_root or cfg.data_root,
+                                class_order=None)
+    if other.dataset == "food101":
+        return load_food101(other)
+    if other.dataset not in DATASET_DEFAULTS:
+        raise UserError(f"unknown --zeroshot-eval '{other.dataset}'; choose food101 or one of {', '.join(DATASET_DEFAULTS)}")
+    return load_benchmark(other)
+
+
 def batches(split: Split, classes: range, batch_size: int, shuffle: bool, cfg: Settings, device, seed: int = 0):
     """Batches of (uint8 images, labels) of the given classes; workers and pinned memory where they help."""
     idx = torch.nonzero((split.labels >= classes.start) & (split.labels < classes.stop)).squeeze(1)
@@ -534,7 +593,7 @@ def modality_gap(image_features, text_features, labels, logit_scale: float):
 # ----------------------------------------------------------------------------
 # Training with gap preservation
 # ----------------------------------------------------------------------------
-def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: int, cfg: Settings, seed: int):
+def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: int, cfg: Settings, task: int):
     """Fine-tune LoRA on one task with cross-entropy over its own classes; yields after each epoch."""
     device = clip.mean.device
     opt = torch.optim.Adam(lora, lr=cfg.lr)
@@ -542,10 +601,10 @@ def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: i
     scale = clip.model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)  # the loss reads only these columns
     for epoch in range(1, epochs + 1):
-        loss_sum, steps = torch.zeros((), device=device), 0
-        data = batches(split, classes, cfg.batch_size, True, cfg, device, seed=seed * 1000 + epoch)
-        for x, y in tqdm(data, desc=f"train t{classes.start}-{classes.stop - 1} ep{epoch}", leave=False,
-                         disable=not cfg.progress):
+        loss_sum, first_bad = torch.zeros((), device=device), torch.full((), -1, device=device)
+        data = batches(split, classes, cfg.batch_size, True, cfg, device, seed=(cfg.seed + task) * 1000 + epoch)
+        for step, (x, y) in enumerate(tqdm(data, desc=f"task {task} epoch {epoch}", leave=False,
+                                           disable=not cfg.progress), 1):
             with autocast(device), parametrize.cached():
                 v = clip.model.encode_image(clip.input(x))
                 t = clip.model.encode_text(task_tokens)
@@ -554,13 +613,13 @@ def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach()  # no host sync inside the loop
-            steps += 1
+            loss_sum += loss.detach()  # device-side bookkeeping: no host sync inside the loop
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         sched.step()
-        if not torch.isfinite(loss_sum):
-            raise RuntimeError(f"non-finite loss in classes {classes.start}-{classes.stop - 1}, epoch {epoch}; "
-                               f"lower --lr")
-        log.info(f"  epoch {epoch}/{epochs}  loss {loss_sum.item() / max(steps, 1):.4f}  "
+        if first_bad.item() >= 0:
+            raise UserError(f"non-finite loss in task {task}, epoch {epoch}, step {first_bad.item()}; lower --lr "
+                            f"(now {cfg.lr:g}); the checkpoint of the tasks before is intact")
+        log.info(f"  epoch {epoch}/{epochs}  loss {loss_sum.item() / max(step, 1):.4f}  "
                  f"lr {sched.get_last_lr()[0]:.2e}")
         yield epoch
 
@@ -582,7 +641,7 @@ def search_epochs(epochs, measure_s_minus, s_minus_0: float, alpha: float) -> tu
 # Gap compensation: the cosine visual classifier
 # ----------------------------------------------------------------------------
 def train_visual_classifier(weights, feats, labels, classes: range, cfg: Settings, seed: int):
-    """Grow W by the task's class means of v, then train the new rows on cos(v, w_c) for its own classes."""
+    """Grow W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c)."""
     means = torch.stack([feats[labels == c].mean(0) for c in classes])
     new = nn.Parameter(means.clone())
     steps_per_epoch = math.ceil(len(labels) / cfg.vis_batch_size)
@@ -598,7 +657,7 @@ def train_visual_classifier(weights, feats, labels, classes: range, cfg: Setting
             loss.backward()
             opt.step()
             sched.step()
-    return torch.cat([weights, new.detach()])
+    return new.detach() if weights is None else torch.cat([weights, new.detach()])
 
 
 def fuse_scores(text_logits, visual_logits, weights=(1.0, 4.0)):
@@ -617,7 +676,7 @@ def evaluate(clip: Clip, split: Split, text_feats, classifier, cfg: Settings):
     device = clip.mean.device
     seen = len(text_feats)
     scale = clip.model.logit_scale.exp().float()
-    w = F.normalize(classifier, dim=-1)
+    w = F.normalize(classifier if classifier is not None else text_feats, dim=-1)  # None: text branch only
     correct = torch.zeros(3, seen, device=device)
     count = torch.zeros(seen, device=device)
     for x, y in tqdm(batches(split, range(seen), cfg.eval_batch_size, False, cfg, device), desc="evaluate",
@@ -631,6 +690,13 @@ def evaluate(clip: Clip, split: Split, text_feats, classifier, cfg: Settings):
         correct.index_add_(1, y, (preds == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
     return correct.cpu(), count.cpu()
+
+
+def zeroshot_accuracy(clip: Clip, bench: Benchmark, cfg: Settings) -> float:
+    """Zero-shot top-1 (%) of the text branch on another dataset's test split, with its own class names."""
+    tokens = clip.tokenize([cfg.prompt.format(name) for name in bench.classnames])
+    correct, count = evaluate(clip, bench.test, text_features(clip, tokens), None, cfg)
+    return accuracy(correct[1], count, range(len(bench.classnames)))
 
 
 def accuracy(correct, count, classes: range) -> float:
@@ -680,7 +746,25 @@ def write_json(path: Path, obj, mode="w"):
     os.replace(tmp, path)
 
 
-def setup_logging(out: Path):
+def save_checkpoint(path: Path, state: dict):
+    """OUT/checkpoint.pt after each task, atomically: a crash mid-write leaves the previous one intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out: str) -> dict:
+    """The state saved after the last finished task of the run in OUT."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        raise UserError(f"--resume {out}: no checkpoint.pt there; give the output folder of an earlier run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume {out}: checkpoint.pt is unreadable ({type(e).__name__}); start the run afresh") from None
+
+
+def setup_logging(out: Path, append: bool):
     """Log lines to the terminal (between progress bars) and to OUT/log.txt."""
     class TqdmHandler(logging.Handler):
         def emit(self, record):
@@ -688,7 +772,7 @@ def setup_logging(out: Path):
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    for handler in (TqdmHandler(), logging.FileHandler(out / "log.txt", mode="w")):
+    for handler in (TqdmHandler(), logging.FileHandler(out / "log.txt", mode="a" if append else "w")):
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
 
@@ -697,7 +781,8 @@ def run(cfg: Settings) -> dict:
     """MG-CLIP over all tasks: train with preserved gap, compensate, evaluate; writes metrics and summary."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out)
+    setup_logging(out, append=bool(cfg.resume))
+    plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     if device.type == "cuda":
@@ -705,105 +790,187 @@ def run(cfg: Settings) -> dict:
         torch.cuda.reset_peak_memory_stats()
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
+    zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
     clip = load_clip(cfg, device)
-    for split in (data.train, data.test):  # files resize in the loader workers; in-memory images unless asked
+    for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
+        # files resize in the loader workers; in-memory images too, unless --gpu-preprocess
         on_device = split.files is None and (cfg.gpu_preprocess or split.images.shape[-2:] == (clip.image_size,) * 2)
         split.size = None if on_device else clip.image_size
     lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
     untouched = [p.detach().clone() for p in lora]
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
     scale = clip.model.logit_scale.exp().item()
-    log.info(f"MG-CLIP on {cfg.dataset}: {len(data.classnames)} classes in {len(tasks)} tasks, {cfg.model} "
-             f"({cfg.pretrained}) on {device}, {sum(p.numel() for p in lora):,} LoRA parameters, logit scale {scale:.1f}")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    clock, epochs, searched = Clock(device), cfg.epochs, None
-    classifier = None  # cosine classifier W: one row per seen class, grown task by task
-    acc, matrix, rows = [], [], []
-    for t, classes in enumerate(tasks):
-        seen = range(0, classes.stop)
+    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes in {len(tasks)} tasks, "
+             f"{cfg.model} ({cfg.pretrained}) on {device}, {sum(p.numel() for p in lora):,} LoRA parameters, "
+             f"logit scale {scale:.1f}")
+    clock = Clock(device)
+    state = dict(task=0, epochs=cfg.epochs if cfg.preservation else cfg.epochs or cfg.max_epochs,
+                 searched=False, classifier=None, acc=[], matrix=[], rows=[], zeroshot_before=None)
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume)
+        with torch.no_grad():
+            for p, saved in zip(lora, state["lora"]):
+                p.copy_(saved)
+        torch.set_rng_state(state["rng"])
+        clock.seconds.update(state["seconds"])
+        clock.images.update(state["images"])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["rows"]))
+        log.info(f"resumed from {out / 'checkpoint.pt'} after task {state['task']}")
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if zeroshot and state["zeroshot_before"] is None:
+        with clock("zeroshot", len(zeroshot.test)):
+            state["zeroshot_before"] = zeroshot_accuracy(clip, zeroshot, cfg)
+    classifier = state["classifier"].to(device) if state["classifier"] is not None else None
+    for t in range(state["task"], len(tasks)):
+        classes, seen = tasks[t], range(0, tasks[t].stop)
         n_train = int(((data.train.labels >= classes.start) & (data.train.labels < classes.stop)).sum())
         log.info(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
         with clock("gap", n_train):
             feats, labels = image_features(clip, data.train, classes, cfg, "gap before")
             before = modality_gap(feats, text_features(clip, tokens[: seen.stop]), labels, scale)
         trained = False
-        if epochs is None:  # gap preservation, on task 1 only; E* then serves every task
+        if state["epochs"] is None:  # gap preservation, on task 1 only; E* then serves every task
             def s_minus():
                 f, y = image_features(clip, data.train, classes, cfg, "gap search")
                 return modality_gap(f, text_features(clip, tokens[: seen.stop]), y, scale)[1]
             with clock("search", n_train * 2 * cfg.max_epochs):
-                epochs, drifted = search_epochs(
-                    train_task(clip, lora, data.train, tokens, classes, cfg.max_epochs, cfg, cfg.seed + t),
+                state["epochs"], drifted = search_epochs(
+                    train_task(clip, lora, data.train, tokens, classes, cfg.max_epochs, cfg, t + 1),
                     s_minus, before[1], cfg.alpha)
-            searched = epochs
-            # The probe ran its cosine schedule over max_epochs; unless it ran them all, start over.
-            trained = not drifted
-            if drifted:
+            state["searched"] = True
+            trained = not drifted  # the probe ran its cosine schedule over max_epochs: unless it ran them all,
+            if drifted:            # task 1 starts again from the untouched LoRA
                 with torch.no_grad():
                     for p, p0 in zip(lora, untouched):
                         p.copy_(p0)
-            log.info(f"  gap preservation: E* = {epochs} epochs per task")
+            log.info(f"  gap preservation: E* = {state['epochs']} epochs per task")
         if not trained:
-            with clock("train", n_train * epochs):
-                for _ in train_task(clip, lora, data.train, tokens, classes, epochs, cfg, cfg.seed + t):
+            with clock("train", n_train * state["epochs"]):
+                for _ in train_task(clip, lora, data.train, tokens, classes, state["epochs"], cfg, t + 1):
                     pass
         with clock("features", n_train):
             feats, labels = image_features(clip, data.train, classes, cfg, "features")
             text_seen = text_features(clip, tokens[: seen.stop])
             after = modality_gap(feats, text_seen, labels, scale)
-        if classifier is None:
-            classifier = feats.new_zeros(0, feats.shape[1])
-        with clock("classifier", n_train * cfg.vis_epochs):
-            classifier = train_visual_classifier(classifier, feats, labels, classes, cfg, cfg.seed + t)
+        if cfg.compensation:
+            with clock("classifier", n_train * cfg.vis_epochs):
+                classifier = train_visual_classifier(classifier, feats, labels, classes, cfg, cfg.seed + t + 1)
         n_test = int((data.test.labels < seen.stop).sum())
         with clock("eval", n_test):
             correct, count = evaluate(clip, data.test, text_seen, classifier, cfg)
-        acc.append(accuracy(correct[0], count, seen))
-        matrix.append([accuracy(correct[0], count, tasks[j]) for j in range(t + 1)])
-        row = dict(task=t + 1, classes=[classes.start, classes.stop], epochs=epochs, acc=acc[-1],
-                   acc_text=accuracy(correct[1], count, seen), acc_visual=accuracy(correct[2], count, seen),
-                   acc_per_task=matrix[-1],
+        fused = correct[0] if cfg.compensation else correct[1]  # without compensation, the text branch decides
+        state["acc"].append(accuracy(fused, count, seen))
+        state["matrix"].append([accuracy(fused, count, tasks[j]) for j in range(t + 1)])
+        row = dict(task=t + 1, classes=[classes.start, classes.stop], epochs=state["epochs"], acc=state["acc"][-1],
+                   acc_text=accuracy(correct[1], count, seen),
+                   acc_visual=accuracy(correct[2], count, seen) if cfg.compensation else None,
+                   acc_per_task=state["matrix"][-1],
                    gap_before=dict(zip(("s_plus", "s_minus", "centroid"), before)),
                    gap_after=dict(zip(("s_plus", "s_minus", "centroid"), after)))
-        rows.append(row)
+        state["rows"].append(row)
+        state.update(task=t + 1, lora=[p.detach().cpu() for p in lora], rng=torch.get_rng_state(),
+                     classifier=classifier.cpu() if classifier is not None else None,
+                     seconds=dict(clock.seconds), images=dict(clock.images), settings=dataclasses.asdict(cfg))
         write_json(out / "metrics.jsonl", row, mode="a")
-        log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual']:.2f})  "
+        save_checkpoint(out / "checkpoint.pt", state)
+        log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
                  f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f}")
-    summary = dict(config=dataclasses.asdict(cfg), device=str(device), epochs_star=epochs,
-                   epochs_searched=searched is not None, lora_parameters=sum(p.numel() for p in lora),
-                   **continual_metrics(acc, matrix), acc=acc, acc_matrix=matrix,
+        if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(t + 1):  # test hook: a pre-emption after this task
+            raise KeyboardInterrupt
+    rows = state["rows"]
+    summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(device),
+                   epochs_star=state["epochs"], epochs_searched=state["searched"],
+                   lora_parameters=sum(p.numel() for p in lora),
+                   **continual_metrics(state["acc"], state["matrix"]), acc=state["acc"], acc_matrix=state["matrix"],
                    acc_text=[r["acc_text"] for r in rows], acc_visual=[r["acc_visual"] for r in rows],
-                   gap=[dict(task=r["task"], before=r["gap_before"], after=r["gap_after"]) for r in rows],
-                   phases=clock.report(), seconds_total=round(sum(clock.seconds.values()), 3),
+                   gap=[dict(task=r["task"], before=r["gap_before"], after=r["gap_after"]) for r in rows])
+    if zeroshot:
+        with clock("zeroshot", len(zeroshot.test)):
+            final = zeroshot_accuracy(clip, zeroshot, cfg)
+        summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=state["zeroshot_before"], after=final,
+                                   retained=final / state["zeroshot_before"] if state["zeroshot_before"] else None)
+    summary.update(phases=clock.report(), seconds_total=round(sum(clock.seconds.values()), 3),
                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)
                    if device.type == "cuda" else None)
     write_json(out / "summary.json", summary)
-    print_table(rows, summary)
+    print_table(summary)
+    if cfg.plot:
+        plot_run(summary, out / "mgclip.png", plt)
     return summary
 
 
-def print_table(rows, summary):
+def print_table(summary):
     """The run at a glance: accuracy per branch and the gap per task, then Avg / Last / forgetting."""
-    lines = [f"{'task':>4} {'classes':>9} {'acc':>6} {'text':>6} {'visual':>6} {'S+ before>after':>16} "
-             f"{'S- before>after':>16} {'gap after':>9}"]
-    for r in rows:
-        b, a = r["gap_before"], r["gap_after"]
-        lines.append(f"{r['task']:>4} {r['classes'][0]:>4}-{r['classes'][1] - 1:<4} {r['acc']:6.2f} "
-                     f"{r['acc_text']:6.2f} {r['acc_visual']:6.2f} {b['s_plus']:7.2f}>{a['s_plus']:<8.2f} "
-                     f"{b['s_minus']:7.2f}>{a['s_minus']:<8.2f} {a['centroid']:9.3f}")
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    lines.append(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {fmt(summary['forgetting'])}  "
-                 f"E* {summary['epochs_star']}  {summary['seconds_total']:.1f}s  -> {summary['config']['out']}")
+    lines = [f"{'task':>4} {'acc':>6} {'text':>6} {'visual':>6} {'S+ before>after':>16} {'S- before>after':>16} "
+             f"{'gap after':>9}"]
+    fmt = lambda v: "   n/a" if v is None else f"{v:6.2f}"
+    for g, a, at, av in zip(summary["gap"], summary["acc"], summary["acc_text"], summary["acc_visual"]):
+        b, f = g["before"], g["after"]
+        lines.append(f"{g['task']:>4} {a:6.2f} {at:6.2f} {fmt(av)} {b['s_plus']:7.2f}>{f['s_plus']:<8.2f} "
+                     f"{b['s_minus']:7.2f}>{f['s_minus']:<8.2f} {f['centroid']:9.3f}")
+    lines.append(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {fmt(summary['forgetting']).strip()}"
+                 f"  E* {summary['epochs_star']}  {summary['seconds_total']:.1f}s  -> {summary['config']['out']}")
+    if "zeroshot" in summary:
+        z = summary["zeroshot"]
+        lines.append(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} "
+                     f"({100 * (z['retained'] or 0):.1f}% retained)")
     log.info("\n".join(lines))
 
 
-def main(argv=None):
+def pyplot():
+    """matplotlib's pyplot for --plot, an optional dependency."""
     try:
-        run(parse_settings(argv))
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib (or drop --plot)") from None
+    return plt
+
+
+def plot_run(summary, path: Path, plt):
+    """OUT/mgclip.png: accuracy per task for each branch, and S+ / S- before and after each task."""
+    tasks = [g["task"] for g in summary["gap"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, style in (("acc", "fused (MG-CLIP)", "o-"), ("acc_text", "text branch", "s--"),
+                              ("acc_visual", "visual classifier", "^:")):
+        if summary[key][0] is not None:
+            left.plot(tasks, summary[key], style, label=label)
+    left.set(xlabel="task", ylabel="accuracy on all seen classes (%)", title="Accuracy after each task",
+             xticks=tasks, ylim=(0, 100))
+    left.legend()
+    for key, colour in (("s_plus", "tab:green"), ("s_minus", "tab:red")):
+        name = "S+ (matching pairs)" if key == "s_plus" else "S- (non-matching pairs)"
+        right.plot(tasks, [g["before"][key] for g in summary["gap"]], "o--", color=colour, alpha=0.5,
+                   label=f"{name}, before")
+        right.plot(tasks, [g["after"][key] for g in summary["gap"]], "o-", color=colour, label=f"{name}, after")
+    right.set(xlabel="task", ylabel="mean 100 * cos(image, prompt)", xticks=tasks,
+              title=f"Modality gap on each task's images (E* = {summary['epochs_star']})")
+    right.legend(fontsize=8)
+    name = "MG-CLIP" if summary["variant"] == "mgclip" else f"MG-CLIP, {summary['variant']}"
+    fig.suptitle(f"{name} on {summary['config']['dataset']}: "
+                 f"Avg {summary['avg']:.1f}, Last {summary['last']:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log.info(f"plot: {path}")
+
+
+def main(argv=None):
+    """Command line entry: every expected failure ends in one line saying what to do."""
+    cfg = None
+    try:
+        cfg = parse_settings(argv)
+        run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
         sys.exit(f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
+    except torch.OutOfMemoryError:
+        sys.exit(f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
+                 f"or --eval-batch-size (now {cfg.eval_batch_size})")
     except KeyboardInterrupt:
-        sys.exit("mgclip: interrupted")
+        where = f"; resume with --resume {cfg.out}" if cfg and (Path(cfg.out) / "checkpoint.pt").is_file() else ""
+        sys.exit(f"mgclip: interrupted{where}")
 
 
 # ----------------------------------------------------------------------------

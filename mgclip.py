@@ -455,7 +455,7 @@ def batches(split: Split, classes: range, batch_size: int, shuffle: bool, cfg: S
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
     sampler = torch.utils.data.BatchSampler(idx.tolist(), batch_size, drop_last=False)
     busy = split.files is not None or split.size is not None  # decoding or resizing: worth worker processes
-    workers = cfg.workers if busy else 0
+    workers = min(cfg.workers, os.cpu_count() or 1) if busy else 0
     return torch.utils.data.DataLoader(split, sampler=sampler, batch_size=None, num_workers=workers,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
                                        prefetch_factor=4 if workers else None)

@@ -395,3 +395,117 @@ def test_unknown_model_and_missing_weight_file(tmp_path):
     (tmp_path / "wrong.pt").write_bytes(b"garbage")
     assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--model", "ViT-B-32",
                                    "--pretrained", str(tmp_path / "wrong.pt")])
+
+
+# ---------------------------------------------------------------- ablations, zero-shot retention, plot
+def test_no_compensation_is_the_text_branch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = settings("--no-compensation", "--epochs", "1", "--tasks", "2")
+    assert cfg.out == "runs/synthetic-T2-seed0-no-compensation"
+    s = M.run(cfg)
+    assert s["variant"] == "no-compensation" and s["config"]["compensation"] is False
+    assert s["acc"] == s["acc_text"] and s["acc_visual"] == [None, None]
+    full = M.run(settings("--epochs", "1", "--tasks", "2", "--out", str(tmp_path / "full")))
+    assert full["acc_text"] == s["acc_text"]  # same encoder either way; only the prediction differs
+    assert full["acc"] != s["acc"]
+
+
+def test_no_preservation_trains_max_epochs(tmp_path):
+    s = M.run(settings("--no-preservation", "--max-epochs", "3", "--tasks", "2", "--out", str(tmp_path)))
+    assert s["variant"] == "no-preservation" and s["epochs_star"] == 3 and not s["epochs_searched"]
+    assert "search" not in s["phases"] and s["phases"]["train"]["seconds"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epochs"] for r in rows] == [3, 3]
+    assert M.parse_settings(["--dataset", "synthetic", "--no-preservation", "--no-compensation"]).out.endswith(
+        "-no-preservation-no-compensation")
+
+
+def write_food101(root: Path, classes=("apple_pie", "baby_back_ribs", "caesar_salad"), per_class=3):
+    """A tiny Food-101 in torchvision's layout."""
+    folder = root / "food-101"
+    (folder / "meta").mkdir(parents=True)
+    (folder / "meta" / "classes.txt").write_text("\n".join(classes) + "\n")
+    listed = {c: [f"{c}/{i}" for i in range(per_class)] for c in classes}
+    (folder / "meta" / "test.json").write_text(json.dumps(listed))
+    for k, c in enumerate(classes):
+        write_images(folder / "images" / c, per_class, seed=k)
+        for i in range(per_class):
+            os.rename(folder / "images" / c / f"img{i}.png", folder / "images" / c / f"{i}.jpg")
+    return root
+
+
+def test_plot_and_zeroshot_retention_on_fake_food101(tmp_path):
+    zroot = write_food101(tmp_path / "food")
+    data = M.load_food101(M.parse_settings(["--dataset", "synthetic", "--data-root", str(zroot)]))
+    assert data.classnames == ["apple pie", "baby back ribs", "caesar salad"] and len(data.test) == 9
+    s = M.run(settings("--epochs", "1", "--tasks", "2", "--plot", "--zeroshot-eval", "food101",
+                       "--zeroshot-root", str(zroot), "--out", str(tmp_path / "out")))
+    z = s["zeroshot"]
+    assert z["dataset"] == "food101" and 0 <= z["before"] <= 100 and 0 <= z["after"] <= 100
+    assert z["retained"] == pytest.approx(z["after"] / z["before"]) if z["before"] else z["retained"] is None
+    assert all(k in s["phases"] for k in ("zeroshot", "eval"))
+    with PIL.Image.open(tmp_path / "out" / "mgclip.png") as png:
+        assert png.size[0] > 1000 and png.size[1] > 400
+
+
+def test_zeroshot_before_is_the_untouched_clip(tmp_path):
+    s = M.run(settings("--epochs", "1", "--tasks", "4", "--zeroshot-eval", "synthetic", "--out", str(tmp_path)))
+    # the same benchmark zero-shot: 'before' is the untouched model, 'after' the text branch after all tasks
+    assert s["zeroshot"]["after"] == pytest.approx(s["acc_text"][-1])
+    assert s["zeroshot"]["before"] == pytest.approx(5.0)  # a random-init CLIP knows nothing: chance
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert "pip install matplotlib" in fail(["--dataset", "synthetic", "--plot", "--out", str(tmp_path)])
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_missing_zeroshot_data_offline(tmp_path):
+    assert "--zeroshot-root" in fail(["--dataset", "synthetic", "--zeroshot-eval", "food101", "--zeroshot-root",
+                                      str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------- long runs: resume, determinism, failures
+def comparable(summary):
+    keys = ("acc", "acc_matrix", "acc_text", "acc_visual", "gap", "epochs_star", "avg", "last", "forgetting")
+    return {k: summary[k] for k in keys}
+
+
+def test_same_seed_same_numbers(synthetic_run, tmp_path):
+    again = M.run(settings("--out", str(tmp_path)))
+    assert comparable(again) == comparable(synthetic_run[1])
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(synthetic_run, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    monkeypatch.setenv("MGCLIP_STOP_AFTER_TASK", "2")
+    with pytest.raises(SystemExit) as e:
+        M.main(["--dataset", "synthetic", "--no-progress", "--out", out])
+    assert f"--resume {out}" in str(e.value.code)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.delenv("MGCLIP_STOP_AFTER_TASK")
+    M.main(["--resume", out, "--no-progress"])
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert comparable(resumed) == comparable(synthetic_run[1])
+    assert [json.loads(r)["task"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert resumed["epochs_searched"]  # E* found before the interruption is kept, not searched again
+
+
+def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    monkeypatch.setenv("MGCLIP_STOP_AFTER_TASK", "1")
+    with pytest.raises(SystemExit):
+        M.main(["--dataset", "synthetic", "--no-progress", "--epochs", "1", "--out", out])
+    assert "--tasks" in fail(["--resume", out, "--tasks", "2"])
+    assert "--dataset" in fail(["--resume", out, "--dataset", "cifar100"])
+    assert "--seed" in fail(["--resume", out, "--seed", "3"])
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
+    assert "unreadable" in fail(["--resume", out])
+    assert "no checkpoint" in fail(["--resume", str(tmp_path)])
+
+
+def test_non_finite_loss_names_task_epoch_and_step(tmp_path):
+    message = fail(["--dataset", "synthetic", "--no-progress", "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path)])
+    assert "non-finite loss in task 1, epoch 1, step" in message and "--lr" in message

@@ -92,6 +92,8 @@ class Settings:
     plot: bool = arg(False, "draw OUT/mgclip.png (accuracy and S+ / S- per task; needs matplotlib)")
     out: str | None = arg(None, "output folder (default: runs/<dataset>-T<tasks>-seed<seed>[-variant])")
     resume: str | None = arg(None, "continue the run in this output folder after its last finished task")
+    speed: bool = arg(False, "only time a training step and an evaluation batch against the bare image tower "
+                             "(random images), write OUT/speed.json and exit")
     progress: bool = arg(True, "show progress bars")
 
 
@@ -179,23 +181,28 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def prepare(x: torch.Tensor, size: int) -> torch.Tensor:
-    """CLIP's test-time geometry on uint8 images: bicubic resize of the short side to `size`, center crop."""
+    """CLIP's test-time geometry on a uint8 tensor batch (any device): bicubic resize of the short side, crop."""
     if x.shape[-2:] == (size, size):
         return x
     x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(x, [size, size])
 
 
+def prepare_pil(image: PIL.Image.Image, size: int | None) -> torch.Tensor:
+    """open_clip's own test transform up to normalisation (PIL bicubic resize, center crop) as uint8 (3, S, S)."""
+    if size is not None:
+        image = TF.center_crop(TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC), [size, size])
+    return TF.pil_to_tensor(image)
+
+
 def read_image(path: str, size: int | None) -> torch.Tensor:
-    """One image file as uint8 RGB (3, size, size) through open_clip's own steps: PIL decode, bicubic, crop."""
+    """One image file, decoded by PIL as RGB and prepared like open_clip does."""
     try:
         with PIL.Image.open(path) as image:
             image = image.convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
-    if size is not None:
-        image = TF.center_crop(TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC), [size, size])
-    return TF.pil_to_tensor(image)
+    return prepare_pil(image, size)
 
 
 @dataclass
@@ -212,8 +219,11 @@ class Split(torch.utils.data.Dataset):
     def __getitem__(self, idx):  # idx: a list of indices, so one call returns a whole batch
         if self.files is not None:
             x = torch.stack([read_image(self.files[i], self.size) for i in idx])
-        else:
-            x = self.images[idx] if self.size is None else prepare(self.images[idx], self.size)
+        elif self.size is not None:
+            x = torch.stack([prepare_pil(PIL.Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.size)
+                             for i in idx])
+        else:  # as stored: the device finishes the transform (--gpu-preprocess)
+            x = self.images[idx]
         return x, self.labels[idx]
 
 
@@ -593,6 +603,19 @@ def modality_gap(image_features, text_features, labels, logit_scale: float):
 # ----------------------------------------------------------------------------
 # Training with gap preservation
 # ----------------------------------------------------------------------------
+def train_step(clip: Clip, opt, x, y, task_tokens, scale) -> torch.Tensor:
+    """One LoRA update: cross-entropy of s * cos(v, t_c) over the current task's classes (y counted from 0)."""
+    with autocast(clip.mean.device), parametrize.cached():
+        v = clip.model.encode_image(clip.input(x))
+        t = clip.model.encode_text(task_tokens)
+    logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: int, cfg: Settings, task: int):
     """Fine-tune LoRA on one task with cross-entropy over its own classes; yields after each epoch."""
     device = clip.mean.device
@@ -605,15 +628,8 @@ def train_task(clip: Clip, lora, split: Split, tokens, classes: range, epochs: i
         data = batches(split, classes, cfg.batch_size, True, cfg, device, seed=(cfg.seed + task) * 1000 + epoch)
         for step, (x, y) in enumerate(tqdm(data, desc=f"task {task} epoch {epoch}", leave=False,
                                            disable=not cfg.progress), 1):
-            with autocast(device), parametrize.cached():
-                v = clip.model.encode_image(clip.input(x))
-                t = clip.model.encode_text(task_tokens)
-            logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
-            loss = F.cross_entropy(logits, y.to(device, non_blocking=True) - classes.start)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()  # device-side bookkeeping: no host sync inside the loop
+            loss = train_step(clip, opt, x, y.to(device, non_blocking=True) - classes.start, task_tokens, scale)
+            loss_sum += loss  # device-side bookkeeping: no host sync inside the loop
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         sched.step()
         if first_bad.item() >= 0:
@@ -671,6 +687,16 @@ def fuse_scores(text_logits, visual_logits, weights=(1.0, 4.0)):
 # Evaluation and continual-learning metrics
 # ----------------------------------------------------------------------------
 @torch.no_grad()
+def predict(clip: Clip, x, text_feats, w, scale, weights) -> torch.Tensor:
+    """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass."""
+    with autocast(clip.mean.device), parametrize.cached():
+        v = F.normalize(clip.model.encode_image(clip.input(x)).float(), dim=-1)
+    text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
+    fused = fuse_scores(text_logits, vis_logits, weights)
+    return torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
+
+
+@torch.no_grad()
 def evaluate(clip: Clip, split: Split, text_feats, classifier, cfg: Settings):
     """Per-class correct counts of the fused, text-only and visual-only predictions on all seen classes."""
     device = clip.mean.device
@@ -682,11 +708,7 @@ def evaluate(clip: Clip, split: Split, text_feats, classifier, cfg: Settings):
     for x, y in tqdm(batches(split, range(seen), cfg.eval_batch_size, False, cfg, device), desc="evaluate",
                      leave=False, disable=not cfg.progress):
         y = y.to(device, non_blocking=True)
-        with autocast(device), parametrize.cached():
-            v = F.normalize(clip.model.encode_image(clip.input(x)).float(), dim=-1)
-        text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
-        fused = fuse_scores(text_logits, vis_logits, (cfg.text_weight, cfg.visual_weight))
-        preds = torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
+        preds = predict(clip, x, text_feats, w, scale, (cfg.text_weight, cfg.visual_weight))
         correct.index_add_(1, y, (preds == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
     return correct.cpu(), count.cpu()
@@ -834,10 +856,13 @@ def run(cfg: Settings) -> dict:
             def s_minus():
                 f, y = image_features(clip, data.train, classes, cfg, "gap search")
                 return modality_gap(f, text_features(clip, tokens[: seen.stop]), y, scale)[1]
-            with clock("search", n_train * 2 * cfg.max_epochs):
+            ran = []  # epochs the probe trained, each followed by one S- pass
+            with clock("search"):
                 state["epochs"], drifted = search_epochs(
-                    train_task(clip, lora, data.train, tokens, classes, cfg.max_epochs, cfg, t + 1),
+                    (ran.append(e) or e for e in train_task(clip, lora, data.train, tokens, classes,
+                                                            cfg.max_epochs, cfg, t + 1)),
                     s_minus, before[1], cfg.alpha)
+            clock.images["search"] += 2 * n_train * len(ran)
             state["searched"] = True
             trained = not drifted  # the probe ran its cosine schedule over max_epochs: unless it ran them all,
             if drifted:            # task 1 starts again from the untouched LoRA
@@ -957,12 +982,69 @@ def plot_run(summary, path: Path, plt):
     log.info(f"plot: {path}")
 
 
+def measure_speed(cfg: Settings) -> dict:
+    """Images/s of our training step and evaluation batch next to the bare image tower's fwd+bwd and fwd."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    clip = load_clip(cfg, device)
+    lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+    size = clip.image_size if not cfg.gpu_preprocess else 32  # --gpu-preprocess: CIFAR-sized uint8 input
+    images = lambda n: torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
+    x_train, x_eval = images(cfg.batch_size), images(cfg.eval_batch_size)
+    tokens = clip.tokenize([cfg.prompt.format(f"class {i}") for i in range(100)]).to(device)
+    y, y_eval = torch.arange(cfg.batch_size, device=device) % 10, torch.arange(cfg.eval_batch_size, device=device) % 100
+    opt, scale = torch.optim.Adam(lora, lr=cfg.lr), clip.model.logit_scale.exp().detach()
+    text_feats = text_features(clip, tokens)
+    w = F.normalize(torch.randn(100, text_feats.shape[1], device=device), dim=-1)
+    correct = torch.zeros(3, 100, device=device)
+
+    def bare_train():
+        with autocast(device), parametrize.cached():
+            clip.model.encode_image(clip.input(x_train)).float().sum().backward()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def bare_eval():
+        with autocast(device), parametrize.cached():
+            clip.model.encode_image(clip.input(x_eval))
+
+    def timed(fn, n_images, repeats=5):
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        fn()  # warm-up: kernels, caches
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return repeats * n_images / (time.perf_counter() - start)
+
+    speed = dict(device=str(device), model=cfg.model, image_input=size, batch_size=cfg.batch_size,
+                 eval_batch_size=cfg.eval_batch_size,
+                 bare_train=timed(bare_train, cfg.batch_size),
+                 train=timed(lambda: train_step(clip, opt, x_train, y, tokens[:10], scale), cfg.batch_size),
+                 bare_eval=timed(bare_eval, cfg.eval_batch_size),
+                 eval=timed(lambda: correct.index_add_(1, y_eval, (predict(clip, x_eval, text_feats, w, scale, (
+                     cfg.text_weight, cfg.visual_weight)) == y_eval).float()), cfg.eval_batch_size))
+    speed.update(train_cost_ratio=round(speed["bare_train"] / speed["train"], 3),
+                 eval_cost_ratio=round(speed["bare_eval"] / speed["eval"], 3),
+                 peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                 if device.type == "cuda" else None)
+    speed = {k: round(v, 2) if isinstance(v, float) else v for k, v in speed.items()}
+    write_json(out / "speed.json", speed)
+    print(json.dumps(speed, indent=2))
+    return speed
+
+
 def main(argv=None):
     """Command line entry: every expected failure ends in one line saying what to do."""
     cfg = None
     try:
         cfg = parse_settings(argv)
-        run(cfg)
+        measure_speed(cfg) if cfg.speed else run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
         sys.exit(f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
     except torch.OutOfMemoryError:

@@ -509,3 +509,34 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
 def test_non_finite_loss_names_task_epoch_and_step(tmp_path):
     message = fail(["--dataset", "synthetic", "--no-progress", "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path)])
     assert "non-finite loss in task 1, epoch 1, step" in message and "--lr" in message
+
+
+# ---------------------------------------------------------------- speed: the device path and the timing tools
+@pytest.mark.parametrize("size", [32, 224])
+def test_device_preprocessing_matches_open_clips_pil_transform(size):
+    """--gpu-preprocess resizes uint8 tensors on the device; on natural (smooth) images it stays within one level."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.nn.functional.interpolate(torch.rand(8, 3, 6, 6, generator=g), size=(24, 30), mode="bilinear")
+         * 255).round().to(torch.uint8)
+    pil = torch.stack([M.prepare_pil(PIL.Image.fromarray(i.permute(1, 2, 0).numpy()), size) for i in x]).int()
+    on_gpu = M.prepare(x.float(), size).round().clamp(0, 255).int()  # CUDA resizes uint8 through float
+    assert pil.shape == on_gpu.shape == (8, 3, size, size)
+    assert (on_gpu - pil).abs().max() <= 1
+    assert (M.prepare(x, size).int() - pil).abs().max() <= 2  # torchvision's own uint8 kernel on the CPU
+
+
+def test_in_memory_images_resize_in_workers_unless_asked(tmp_path):
+    s = M.run(settings("--syn-size", "24", "--epochs", "1", "--tasks", "1", "--out", str(tmp_path / "a")))
+    g = M.run(settings("--syn-size", "24", "--epochs", "1", "--tasks", "1", "--gpu-preprocess",
+                       "--out", str(tmp_path / "b")))
+    assert abs(s["acc"][0] - g["acc"][0]) <= 10  # the same images, a few levels apart after resizing
+    assert all(p["images_per_second"] > 0 for p in s["phases"].values())
+    assert s["phases"]["train"]["images_per_second"] == pytest.approx(20 * 48 / s["phases"]["train"]["seconds"], rel=0.01)
+
+
+def test_speed_mode_times_against_the_bare_tower(tmp_path):
+    M.main(["--dataset", "synthetic", "--speed", "--batch-size", "8", "--eval-batch-size", "16", "--out", str(tmp_path)])
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert all(speed[k] > 0 for k in ("bare_train", "train", "bare_eval", "eval"))
+    assert speed["train_cost_ratio"] == pytest.approx(speed["bare_train"] / speed["train"], rel=0.02)
+    assert not (tmp_path / "summary.json").exists()

@@ -1047,7 +1047,7 @@ def main(argv=None):
         measure_speed(cfg) if cfg.speed else run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
         sys.exit(f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         sys.exit(f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
                  f"or --eval-batch-size (now {cfg.eval_batch_size})")
     except KeyboardInterrupt:

@@ -55,12 +55,13 @@ class Settings:
     tasks: int | None = arg(None, "number of tasks T (default: per dataset, 10 for cifar100)")
     initial_increment: int = arg(0, "classes in the first task; 0 splits all classes evenly")
     model: str | None = arg(None, "open_clip model name, or 'tiny' (random-init toy CLIP); default per dataset: ViT-B-16 | tiny")
-    pretrained: str | None = arg(None, "open_clip weight tag, a local checkpoint file, or 'none' (default: openai)")
+    pretrained: str | None = arg(None, "open_clip weight tag, a local checkpoint file, or 'none' (default: openai; "
+                                       "OpenAI weights from a file need --model ViT-B-16-quickgelu)")
     data_root: str = arg("data", "cifar100: folder holding (or receiving) cifar-100-python/; others: the folder "
                                  "holding train/ and val/ (or test/)")
     class_order: str | None = arg(None, "file of class indices giving the class order (default: the published "
                                         "order, or a permutation drawn from --seed)")
-    download: bool = arg(True, "allow downloading CIFAR-100 when it is missing (also off when HF_HUB_OFFLINE=1)")
+    download: bool = arg(True, "allow downloading CIFAR-100 / Food-101 when missing (also off when HF_HUB_OFFLINE=1)")
     epochs: int | None = arg(None, "epochs per task; default: found by gap preservation on task 1")
     alpha: float = arg(0.1, "gap preservation: stop when |S-(e) - S-(0)| / S-(0) exceeds this")
     max_epochs: int = arg(10, "gap preservation: most epochs searched on task 1")
@@ -76,7 +77,7 @@ class Settings:
     prompt: str = arg("a good photo of a {}.", "prompt template for the class names")
     seed: int | None = arg(None, "random seed (default: per dataset, 42 for cifar100)")
     device: str = arg("auto", "auto | cuda | mps | cpu")
-    workers: int = arg(4, "data-loader workers for datasets read from disk")
+    workers: int = arg(4, "data-loader worker processes that decode and resize images")
     eval_batch_size: int = arg(256, "batch for feature extraction and evaluation")
     gpu_preprocess: bool = arg(False, "cifar100/synthetic: resize and normalise the uint8 images on the device "
                                       "instead of in the loader workers")
@@ -511,9 +512,12 @@ def load_clip(cfg: Settings, device) -> Clip:
         if pretrained and not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
             raise UserError(f"--pretrained '{pretrained}' is neither a file nor an open_clip tag of {cfg.model} "
                             f"({', '.join(open_clip.list_pretrained_tags_by_model(cfg.model))})")
+        # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
+        tag = open_clip.get_pretrained_cfg(cfg.model, pretrained) if pretrained and not os.path.isfile(pretrained) else {}
         logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
         try:
-            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+            model = open_clip.create_model(cfg.model, pretrained=pretrained,
+                                           force_quick_gelu=bool(tag.get("quick_gelu", False)))
         except Exception as e:
             raise UserError(f"could not load --pretrained {cfg.pretrained} for {cfg.model}: "
                             f"{str(e).splitlines()[0][:200]}. Pass --pretrained PATH to a local checkpoint "

@@ -387,6 +387,22 @@ def test_unreadable_image_is_named(tmp_path, workers):
     assert "broken.jpg" in message and "Traceback" not in message
 
 
+def test_openai_weights_get_quick_gelu(monkeypatch, tmp_path):
+    """OpenAI's CLIP was trained with QuickGELU: open_clip's plain ViT-B-16 config must be told so."""
+    import open_clip
+    calls, real = [], open_clip.create_model
+
+    def create_model(name, pretrained=None, **kwargs):  # the real model, without the download
+        calls.append((name, pretrained, kwargs.get("force_quick_gelu")))
+        return real(name, pretrained=None, **kwargs)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    clip = M.load_clip(M.parse_settings(["--dataset", "cifar100"]), torch.device("cpu"))
+    assert calls == [("ViT-B-16", "openai", True)]
+    assert any(isinstance(m, open_clip.transformer.QuickGELU) for m in clip.model.modules())
+    M.load_clip(M.parse_settings(["--dataset", "cifar100", "--pretrained", "laion400m_e31"]), torch.device("cpu"))
+    assert calls[-1] == ("ViT-B-16", "laion400m_e31", False)
+
+
 def test_unknown_model_and_missing_weight_file(tmp_path):
     root = write_cifar100(tmp_path / "data")
     assert "--model" in fail(["--dataset", "cifar100", "--data-root", str(root), "--model", "ViT-X-99"])

@@ -61,7 +61,8 @@ class Settings:
                                  "holding train/ and val/ (or test/)")
     class_order: str | None = arg(None, "file of class indices giving the class order (default: the published "
                                         "order, or a permutation drawn from --seed)")
-    download: bool = arg(True, "allow downloading CIFAR-100 / Food-101 when missing (also off when HF_HUB_OFFLINE=1)")
+    download: bool = arg(True, "allow downloading weights, CIFAR-100 and Food-101 when missing (off as well when "
+                               "HF_HUB_OFFLINE=1)")
     epochs: int | None = arg(None, "epochs per task; default: found by gap preservation on task 1")
     alpha: float = arg(0.1, "gap preservation: stop when |S-(e) - S-(0)| / S-(0) exceeds this")
     max_epochs: int = arg(10, "gap preservation: most epochs searched on task 1")
@@ -170,7 +171,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int):
-    """One seed for Python, NumPy (through torch) and torch on every device."""
+    """One seed for Python's and torch's random generators (torch's covers every device)."""
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -368,8 +369,8 @@ def load_image_folders(cfg: Settings) -> Benchmark:
         wnids, names = listed_classes(IMAGENET100_CLASSES if cfg.dataset == "imagenet100" else IMAGENET_R_CLASSES)
         order = class_order(cfg, len(wnids), IMAGENET100_ORDER if cfg.dataset == "imagenet100" else IMAGENET_R_ORDER)
     else:
-        wnids = image_folders(root) if raw else image_folders(root / "train")
-        if not raw and wnids != image_folders(test_dir):
+        wnids = image_folders(root / "train")
+        if wnids != image_folders(test_dir):
             differ = sorted(set(wnids) ^ set(image_folders(test_dir)))
             raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
                             f"both need the same class folders")
@@ -468,8 +469,7 @@ def batches(split: Split, classes: range, batch_size: int, shuffle: bool, cfg: S
     busy = split.files is not None or split.size is not None  # decoding or resizing: worth worker processes
     workers = min(cfg.workers, os.cpu_count() or 1) if busy else 0
     return torch.utils.data.DataLoader(split, sampler=sampler, batch_size=None, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if workers else None)
+                                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 def to_model_input(x: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -500,6 +500,8 @@ class Clip:
 
 def load_clip(cfg: Settings, device) -> Clip:
     """CLIP from open_clip (weights by tag, local file or none), or the tiny random-init one."""
+    if not cfg.download:  # read by huggingface_hub when first imported: no weight download, no retries
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
     if cfg.model == "tiny":
         torch.manual_seed(cfg.seed)
@@ -763,13 +765,17 @@ class Clock:
                 for p, s in self.seconds.items()}
 
 
-def write_json(path: Path, obj, mode="w"):
-    """Write (or append one line of) JSON atomically: a temporary file, then a rename."""
-    text = json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=2)
-    old = path.read_text() if mode == "a" and path.exists() else ""
+def write_text(path: Path, text: str):
+    """Replace a file atomically: a temporary file, then a rename, so readers never see half of it."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(old + text)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj, mode="w"):
+    """Write JSON, or append one line of it (mode "a"), atomically."""
+    old = path.read_text() if mode == "a" and path.exists() else ""
+    write_text(path, old + json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=2))
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -840,7 +846,7 @@ def run(cfg: Settings) -> dict:
         torch.set_rng_state(state["rng"])
         clock.seconds.update(state["seconds"])
         clock.images.update(state["images"])
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["rows"]))
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["rows"]))
         log.info(f"resumed from {out / 'checkpoint.pt'} after task {state['task']}")
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,18 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "--data-root" in r.stderr
+
+
+def test_no_download_fails_at_once_without_hf_hub_offline(tmp_path):
+    """--no-download alone keeps the hub from retrying for a minute on a machine without network."""
+    root = write_cifar100(tmp_path / "data")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--dataset", "cifar100", "--data-root", str(root),
+                        "--no-download", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode != 0 and "--pretrained" in r.stderr and "Traceback" not in r.stderr
+    assert time.perf_counter() - start < 30
 
 
 def test_help_explains_every_flag():

@@ -542,8 +542,8 @@ class LoRAKeyValue(nn.Module):
         super().__init__()
         self.A = nn.Parameter(torch.empty(2, rank, dim))  # [key, value]
         self.B = nn.Parameter(torch.zeros(2, dim, rank))  # zero: the model is unchanged at start
-        for a in self.A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for a in self.A:  # the authors' attention LoRA draws A with xavier_uniform_ (their Linear LoRA: kaiming)
+            nn.init.xavier_uniform_(a)
         self.scale = alpha / rank
 
     def forward(self, qkv_weight):
@@ -563,6 +563,24 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0) -> list[nn.Par
         parametrize.register_parametrization(
             attn, "in_proj_weight", LoRAKeyValue(w.shape[1], rank, alpha).to(w.device))
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_lora(lora, weights):
+    """Load LoRA weights in place (the untouched ones, B = 0, give back the pre-trained CLIP)."""
+    with torch.no_grad():
+        for p, w in zip(lora, weights):
+            p.copy_(w)
+
+
+@contextmanager
+def pretrained_clip(lora, untouched):
+    """Within this block the model is the pre-trained CLIP; the trained LoRA weights come back after."""
+    trained = [p.detach().clone() for p in lora]
+    set_lora(lora, untouched)
+    try:
+        yield
+    finally:
+        set_lora(lora, trained)
 
 
 def autocast(device):
@@ -837,12 +855,10 @@ def run(cfg: Settings) -> dict:
              f"logit scale {scale:.1f}")
     clock = Clock(device)
     state = dict(task=0, epochs=cfg.epochs if cfg.preservation else cfg.epochs or cfg.max_epochs,
-                 searched=False, classifier=None, acc=[], matrix=[], rows=[], zeroshot_before=None)
+                 searched=False, classifier=None, acc=[], matrix=[], rows=[])
     if cfg.resume:
         state = load_checkpoint(cfg.resume)
-        with torch.no_grad():
-            for p, saved in zip(lora, state["lora"]):
-                p.copy_(saved)
+        set_lora(lora, state["lora"])
         torch.set_rng_state(state["rng"])
         clock.seconds.update(state["seconds"])
         clock.images.update(state["images"])
@@ -850,16 +866,13 @@ def run(cfg: Settings) -> dict:
         log.info(f"resumed from {out / 'checkpoint.pt'} after task {state['task']}")
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    if zeroshot and state["zeroshot_before"] is None:
-        with clock("zeroshot", len(zeroshot.test)):
-            state["zeroshot_before"] = zeroshot_accuracy(clip, zeroshot, cfg)
     classifier = state["classifier"].to(device) if state["classifier"] is not None else None
     for t in range(state["task"], len(tasks)):
         classes, seen = tasks[t], range(0, tasks[t].stop)
         n_train = int(((data.train.labels >= classes.start) & (data.train.labels < classes.stop)).sum())
         log.info(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
-        with clock("gap", n_train):
-            feats, labels = image_features(clip, data.train, classes, cfg, "gap before")
+        with clock("gap", n_train), pretrained_clip(lora, untouched):  # as the authors: S+ / S- of the
+            feats, labels = image_features(clip, data.train, classes, cfg, "gap before")  # pre-trained CLIP
             before = modality_gap(feats, text_features(clip, tokens[: seen.stop]), labels, scale)
         trained = False
         if state["epochs"] is None:  # gap preservation, on task 1 only; E* then serves every task
@@ -876,9 +889,7 @@ def run(cfg: Settings) -> dict:
             state["searched"] = True
             trained = not drifted  # the probe ran its cosine schedule over max_epochs: unless it ran them all,
             if drifted:            # task 1 starts again from the untouched LoRA
-                with torch.no_grad():
-                    for p, p0 in zip(lora, untouched):
-                        p.copy_(p0)
+                set_lora(lora, untouched)
             log.info(f"  gap preservation: E* = {state['epochs']} epochs per task")
         if not trained:
             with clock("train", n_train * state["epochs"]):
@@ -910,7 +921,7 @@ def run(cfg: Settings) -> dict:
         write_json(out / "metrics.jsonl", row, mode="a")
         save_checkpoint(out / "checkpoint.pt", state)
         log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
-                 f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f}")
+                 f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f} (pre-trained CLIP->trained)")
         if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(t + 1):  # test hook: a pre-emption after this task
             raise KeyboardInterrupt
     rows = state["rows"]
@@ -921,10 +932,12 @@ def run(cfg: Settings) -> dict:
                    acc_text=[r["acc_text"] for r in rows], acc_visual=[r["acc_visual"] for r in rows],
                    gap=[dict(task=r["task"], before=r["gap_before"], after=r["gap_after"]) for r in rows])
     if zeroshot:
-        with clock("zeroshot", len(zeroshot.test)):
+        with clock("zeroshot", 2 * len(zeroshot.test)):
             final = zeroshot_accuracy(clip, zeroshot, cfg)
-        summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=state["zeroshot_before"], after=final,
-                                   retained=final / state["zeroshot_before"] if state["zeroshot_before"] else None)
+            with pretrained_clip(lora, untouched):
+                first = zeroshot_accuracy(clip, zeroshot, cfg)
+        summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=first, after=final,
+                                   retained=final / first if first else None)
     summary.update(phases=clock.report(), seconds_total=round(sum(clock.seconds.values()), 3),
                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)
                    if device.type == "cuda" else None)
@@ -937,7 +950,7 @@ def run(cfg: Settings) -> dict:
 
 def print_table(summary):
     """The run at a glance: accuracy per branch and the gap per task, then Avg / Last / forgetting."""
-    lines = [f"{'task':>4} {'acc':>6} {'text':>6} {'visual':>6} {'S+ before>after':>16} {'S- before>after':>16} "
+    lines = [f"{'task':>4} {'acc':>6} {'text':>6} {'visual':>6} {'S+ CLIP>after':>16} {'S- CLIP>after':>16} "
              f"{'gap after':>9}"]
     fmt = lambda v: "   n/a" if v is None else f"{v:6.2f}"
     for g, a, at, av in zip(summary["gap"], summary["acc"], summary["acc_text"], summary["acc_visual"]):
@@ -965,7 +978,7 @@ def pyplot():
 
 
 def plot_run(summary, path: Path, plt):
-    """OUT/mgclip.png: accuracy per task for each branch, and S+ / S- before and after each task."""
+    """OUT/mgclip.png: accuracy per task for each branch, and S+ / S- of the pre-trained and the trained model."""
     tasks = [g["task"] for g in summary["gap"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, style in (("acc", "fused (MG-CLIP)", "o-"), ("acc_text", "text branch", "s--"),
@@ -978,8 +991,9 @@ def plot_run(summary, path: Path, plt):
     for key, colour in (("s_plus", "tab:green"), ("s_minus", "tab:red")):
         name = "S+ (matching pairs)" if key == "s_plus" else "S- (non-matching pairs)"
         right.plot(tasks, [g["before"][key] for g in summary["gap"]], "o--", color=colour, alpha=0.5,
-                   label=f"{name}, before")
-        right.plot(tasks, [g["after"][key] for g in summary["gap"]], "o-", color=colour, label=f"{name}, after")
+                   label=f"{name}, pre-trained CLIP")
+        right.plot(tasks, [g["after"][key] for g in summary["gap"]], "o-", color=colour,
+                   label=f"{name}, after the task")
     right.set(xlabel="task", ylabel="mean 100 * cos(image, prompt)", xticks=tasks,
               title=f"Modality gap on each task's images (E* = {summary['epochs_star']})")
     right.legend(fontsize=8)

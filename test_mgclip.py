@@ -569,3 +569,18 @@ def test_speed_mode_times_against_the_bare_tower(tmp_path):
     assert all(speed[k] > 0 for k in ("bare_train", "train", "bare_eval", "eval"))
     assert speed["train_cost_ratio"] == pytest.approx(speed["bare_train"] / speed["train"], rel=0.02)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
+    """As in the authors' code, 'before' is the untouched CLIP on the task's images and all seen classes."""
+    out, s = synthetic_run
+    cfg = settings()
+    data = M.synthetic_benchmark(cfg)
+    clip = M.load_clip(cfg, torch.device("cpu"))
+    M.add_lora(clip.model)
+    tokens = clip.tokenize([cfg.prompt.format(n) for n in data.classnames])
+    feats, labels = M.image_features(clip, data.train, range(5, 10), cfg, "test")
+    expected = M.modality_gap(feats, M.text_features(clip, tokens[:10]), labels, 100.0)
+    got = s["gap"][1]["before"]
+    assert (got["s_plus"], got["s_minus"], got["centroid"]) == pytest.approx(expected, rel=1e-4)
+    assert s["gap"][1]["after"]["s_minus"] != pytest.approx(expected[1], rel=1e-3)

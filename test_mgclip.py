@@ -79,6 +79,16 @@ def test_cifar100_follows_the_class_order(tmp_path):
     assert len(data.train) == 200 and len(data.test) == 100
 
 
+def test_per_dataset_defaults_and_overrides():
+    r = M.parse_settings(["--dataset", "imagenet-r"])
+    assert (r.tasks, r.lr, r.batch_size, r.vis_lr, r.vis_batch_size, r.seed) == (10, 1e-3, 64, 5e-4, 32, 0)
+    c = M.parse_settings(["--dataset", "cifar100", "--lr", "2e-3"])
+    assert (c.lr, c.batch_size, c.seed, c.model, c.pretrained, c.alpha, c.max_epochs) == \
+        (2e-3, 128, 42, "ViT-B-16", "openai", 0.1, 10)
+    assert c.out == "runs/cifar100-T10-seed42" and c.epochs is None
+    assert M.parse_settings(["--dataset", "imagenet100"]).vis_lr == 1e-3
+
+
 def test_clear_error_for_classes_that_do_not_divide():
     assert "--tasks" in fail(["--dataset", "synthetic", "--tasks", "3"])
 

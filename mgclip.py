@@ -54,7 +54,8 @@ class Settings:
     dataset: str = arg("cifar100", "benchmark: cifar100 | imagenet100 | imagenet-r | imagenet | folder | synthetic")
     tasks: int | None = arg(None, "number of tasks T (default: per dataset, 10 for cifar100)")
     initial_increment: int = arg(0, "classes in the first task; 0 splits all classes evenly")
-    model: str | None = arg(None, "open_clip model name, or 'tiny' (random-init toy CLIP); default per dataset: ViT-B-16 | tiny")
+    model: str | None = arg(None, "open_clip model name, or 'tiny' (random-init toy CLIP); default: ViT-B-16, "
+                                  "tiny for synthetic")
     pretrained: str | None = arg(None, "open_clip weight tag, a local checkpoint file, or 'none' (default: openai; "
                                        "OpenAI weights from a file need --model ViT-B-16-quickgelu)")
     data_root: str = arg("data", "cifar100: folder holding (or receiving) cifar-100-python/; others: the folder "
@@ -304,19 +305,22 @@ def load_cifar100(cfg: Settings) -> Benchmark:
             raise UserError(f"could not download CIFAR-100 into --data-root {cfg.data_root} ({e}); "
                             f"copy torchvision's cifar-100-python folder there instead") from None
 
-    def unpickle(path):
+    def unpickle(path, *keys):
         try:
             with open(path, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+                d = pickle.load(fh, encoding="latin1")
+            return [d[k] for k in keys]
         except Exception as e:
-            raise UserError(f"corrupt CIFAR-100 file {path} ({type(e).__name__}); delete it and download again") from None
+            raise UserError(f"corrupt CIFAR-100 file {path} ({type(e).__name__}); delete it and download "
+                            f"again") from None
 
-    meta, train, test = unpickle(files[2]), unpickle(files[0]), unpickle(files[1])
     order = class_order(cfg, 100, CIFAR100_ORDER)
-    where = positions(order)
-    splits = [Split(where[torch.as_tensor(d["fine_labels"])], torch.from_numpy(d["data"]).reshape(-1, 3, 32, 32))
-              for d in (train, test)]
-    return Benchmark(*splits, [meta["fine_label_names"][i] for i in order])
+    where, splits = positions(order), []
+    for f in files[:2]:
+        pixels, labels = unpickle(f, "data", "fine_labels")
+        splits.append(Split(where[torch.as_tensor(labels)], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
+    names = unpickle(files[2], "fine_label_names")[0]
+    return Benchmark(*splits, [names[i] for i in order])
 
 
 def listed_classes(text: str) -> tuple[list[str], list[str]]:
@@ -442,13 +446,11 @@ def load_food101(cfg: Settings) -> Benchmark:
         except Exception as e:
             raise UserError(f"could not download Food-101 into --zeroshot-root {cfg.data_root} ({e})") from None
     classes = (folder / "meta" / "classes.txt").read_text().split()
-    where = {c: i for i, c in enumerate(classes)}
-
-    def split(name):
-        listed = json.loads((folder / "meta" / f"{name}.json").read_text()) if (folder / "meta" / f"{name}.json").is_file() else {}
-        files = [(str(folder / "images" / f"{item}.jpg"), where[c]) for c in classes for item in listed.get(c, [])]
-        return Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
-    return Benchmark(split("train"), split("test"), [c.replace("_", " ") for c in classes])
+    listed = json.loads((folder / "meta" / "test.json").read_text())  # {class: ["class/id", ...]}
+    files = [(str(folder / "images" / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
+    test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
+    no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
+    return Benchmark(no_train, test, [c.replace("_", " ") for c in classes])
 
 
 def load_zeroshot(cfg: Settings) -> Benchmark:
@@ -458,7 +460,8 @@ def load_zeroshot(cfg: Settings) -> Benchmark:
     if other.dataset == "food101":
         return load_food101(other)
     if other.dataset not in DATASET_DEFAULTS:
-        raise UserError(f"unknown --zeroshot-eval '{other.dataset}'; choose food101 or one of {', '.join(DATASET_DEFAULTS)}")
+        raise UserError(f"unknown --zeroshot-eval '{other.dataset}'; choose food101 or one of "
+                        f"{', '.join(DATASET_DEFAULTS)}")
     return load_benchmark(other)
 
 
@@ -513,11 +516,13 @@ def load_clip(cfg: Settings, device) -> Clip:
         if cfg.model not in open_clip.list_models():
             raise UserError(f"unknown --model '{cfg.model}'; pick one of open_clip.list_models() or 'tiny'")
         pretrained = None if cfg.pretrained == "none" else cfg.pretrained
-        if pretrained and not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
+        tags = open_clip.list_pretrained_tags_by_model(cfg.model)
+        is_tag = pretrained is not None and not os.path.isfile(pretrained)
+        if is_tag and pretrained not in tags:
             raise UserError(f"--pretrained '{pretrained}' is neither a file nor an open_clip tag of {cfg.model} "
-                            f"({', '.join(open_clip.list_pretrained_tags_by_model(cfg.model))})")
+                            f"({', '.join(tags)})")
         # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
-        tag = open_clip.get_pretrained_cfg(cfg.model, pretrained) if pretrained and not os.path.isfile(pretrained) else {}
+        tag = open_clip.get_pretrained_cfg(cfg.model, pretrained) if is_tag else {}
         logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained,
@@ -749,14 +754,16 @@ def zeroshot_accuracy(clip: Clip, bench: Benchmark, cfg: Settings) -> float:
 
 def accuracy(correct, count, classes: range) -> float:
     """Top-1 accuracy (%) over the test images of the given classes."""
-    return 100.0 * correct[classes.start: classes.stop].sum().item() / max(count[classes.start: classes.stop].sum().item(), 1)
+    part = slice(classes.start, classes.stop)
+    return 100.0 * correct[part].sum().item() / max(count[part].sum().item(), 1)
 
 
 def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
     """Avg (mean of acc_t), Last (acc_T), forgetting and backward transfer from a[t][j] (j <= t)."""
     T = len(acc)
     old = range(T - 1)
-    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in old) / (T - 1) if T > 1 else None
+    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in old) / (T - 1) \
+        if T > 1 else None
     bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in old) / (T - 1) if T > 1 else None
     return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
 
@@ -813,7 +820,8 @@ def load_checkpoint(out: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume {out}: checkpoint.pt is unreadable ({type(e).__name__}); start the run afresh") from None
+        raise UserError(f"--resume {out}: checkpoint.pt is unreadable ({type(e).__name__}); start the run "
+                        f"afresh") from None
 
 
 def setup_logging(out: Path, append: bool):
@@ -959,7 +967,8 @@ def print_table(summary):
         b, f = g["before"], g["after"]
         lines.append(f"{g['task']:>4} {a:6.2f} {at:6.2f} {fmt(av)} {b['s_plus']:7.2f}>{f['s_plus']:<8.2f} "
                      f"{b['s_minus']:7.2f}>{f['s_minus']:<8.2f} {f['centroid']:9.3f}")
-    lines.append(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {fmt(summary['forgetting']).strip()}"
+    lines.append(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  "
+                 f"forgetting {fmt(summary['forgetting']).strip()}"
                  f"  E* {summary['epochs_star']}  {summary['seconds_total']:.1f}s  -> {summary['config']['out']}")
     if "zeroshot" in summary:
         z = summary["zeroshot"]

@@ -689,8 +689,9 @@ def search_epochs(epochs, measure_s_minus, s_minus_0: float, alpha: float) -> tu
 # ----------------------------------------------------------------------------
 def train_visual_classifier(weights, feats, labels, classes: range, cfg: Settings, seed: int):
     """Grow W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c)."""
-    means = torch.stack([feats[labels == c].mean(0) for c in classes])
-    new = nn.Parameter(means.clone())
+    y = labels - classes.start
+    sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
+    new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
     steps_per_epoch = math.ceil(len(labels) / cfg.vis_batch_size)
     opt = torch.optim.Adam([new], lr=cfg.vis_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.vis_epochs * steps_per_epoch,
@@ -699,7 +700,7 @@ def train_visual_classifier(weights, feats, labels, classes: range, cfg: Setting
     for _ in range(cfg.vis_epochs):
         for idx in torch.randperm(len(labels), generator=g).to(feats.device).split(cfg.vis_batch_size):
             logits = F.normalize(feats[idx], dim=-1) @ F.normalize(new, dim=-1).T
-            loss = F.cross_entropy(logits, labels[idx] - classes.start)
+            loss = F.cross_entropy(logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

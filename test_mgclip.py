@@ -594,3 +594,15 @@ def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
     got = s["gap"][1]["before"]
     assert (got["s_plus"], got["s_minus"], got["centroid"]) == pytest.approx(expected, rel=1e-4)
     assert s["gap"][1]["after"]["s_minus"] != pytest.approx(expected[1], rel=1e-3)
+
+
+def test_visual_classifier_starts_at_class_means_and_trains_only_new_rows():
+    cfg = settings("--vis-epochs", "0")
+    feats = torch.nn.functional.normalize(torch.randn(12, 4), dim=-1)
+    labels = torch.tensor([5, 6, 7] * 4)
+    old = torch.randn(5, 4)
+    w = M.train_visual_classifier(old, feats, labels, range(5, 8), cfg, seed=0)
+    assert torch.equal(w[:5], old) and w.shape == (8, 4)
+    assert torch.allclose(w[5:], torch.stack([feats[labels == c].mean(0) for c in (5, 6, 7)]), atol=1e-6)
+    trained = M.train_visual_classifier(old, feats, labels, range(5, 8), settings("--vis-epochs", "3"), seed=0)
+    assert torch.equal(trained[:5], old) and not torch.allclose(trained[5:], w[5:])

@@ -46,11 +46,13 @@ class UserError(ValueError):
 # Settings
 # ----------------------------------------------------------------------------
 def arg(default, help):
+    """A settings field with its command-line help."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Settings:
+    """Every knob of a run; each field is a command-line flag (--tasks, --vis-lr, ...)."""
     dataset: str = arg("cifar100", "benchmark: cifar100 | imagenet100 | imagenet-r | imagenet | folder | synthetic")
     tasks: int | None = arg(None, "number of tasks T (default: per dataset, 10 for cifar100)")
     initial_increment: int = arg(0, "classes in the first task; 0 splits all classes evenly")
@@ -234,6 +236,7 @@ class Split(torch.utils.data.Dataset):
 
 @dataclass
 class Benchmark:
+    """A class-incremental benchmark: train and test splits and the class names in class order."""
     train: Split
     test: Split
     classnames: list[str]  # in class-order positions: task 1 holds classnames[:n1], ...
@@ -493,6 +496,7 @@ TINY_CLIP = dict(embed_dim=64,
 
 @dataclass
 class Clip:
+    """An open_clip model with its tokenizer and its input transform's size, mean and std."""
     model: nn.Module
     tokenize: typing.Callable
     image_size: int
@@ -500,6 +504,7 @@ class Clip:
     std: torch.Tensor
 
     def input(self, x):
+        """uint8 images (any size, any device) -> the normalised model input on the model's device."""
         return to_model_input(x.to(self.mean.device, non_blocking=True), self.image_size, self.mean, self.std)
 
 
@@ -554,6 +559,7 @@ class LoRAKeyValue(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, qkv_weight):
+        """W_qkv -> [W_q; W_k + s B_k A_k; W_v + s B_v A_v]."""
         dim = qkv_weight.shape[1]
         delta = (self.B @ self.A).reshape(2 * dim, dim) * self.scale
         return torch.cat([qkv_weight[:dim], qkv_weight[dim:] + delta.to(qkv_weight.dtype)])
@@ -789,6 +795,7 @@ class Clock:
         self.images[phase] += images
 
     def report(self):
+        """Seconds and images/s per phase, for summary.json."""
         return {p: dict(seconds=round(s, 3), images_per_second=round(self.images[p] / s, 1) if s else None)
                 for p, s in self.seconds.items()}
 

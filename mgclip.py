@@ -18,9 +18,11 @@ import math
 import os
 import pickle
 import random
+import socket
 import sys
 import time
 import typing
+import urllib.parse
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -293,6 +295,19 @@ def downloads_allowed(cfg: Settings) -> bool:
     return cfg.download and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0")
 
 
+def settle_offline(cfg: Settings):
+    """Treat the machine as offline (HF_HUB_OFFLINE=1, read when huggingface_hub is imported) on --no-download or
+    when the hub does not answer within 3 s: weights then come from the cache or fail at once, never a retry loop."""
+    hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))  # or a mirror
+    if downloads_allowed(cfg):
+        try:
+            socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)), 3).close()
+            return
+        except OSError:
+            pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def load_cifar100(cfg: Settings) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
     folder = Path(cfg.data_root) / "cifar-100-python"
@@ -510,8 +525,6 @@ class Clip:
 
 def load_clip(cfg: Settings, device) -> Clip:
     """CLIP from open_clip (weights by tag, local file or none), or the tiny random-init one."""
-    if not cfg.download:  # read by huggingface_hub when first imported: no weight download, no retries
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
     if cfg.model == "tiny":
         torch.manual_seed(cfg.seed)
@@ -851,6 +864,8 @@ def run(cfg: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, append=bool(cfg.resume))
     plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
+    if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
+        settle_offline(cfg)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     if device.type == "cuda":

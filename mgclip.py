@@ -316,7 +316,8 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     if missing:
         if not downloads_allowed(cfg):
             raise UserError(f"CIFAR-100 is missing {missing[0]}; put torchvision's cifar-100-python folder under "
-                            f"--data-root, or allow the download (no --no-download, HF_HUB_OFFLINE unset)")
+                            f"--data-root, or run where it downloads (network, no --no-download, "
+                            f"no HF_HUB_OFFLINE=1)")
         try:
             torchvision.datasets.CIFAR100(cfg.data_root, download=True)
         except Exception as e:
@@ -458,7 +459,8 @@ def load_food101(cfg: Settings) -> Benchmark:
     if not (folder / "meta" / "test.json").is_file():
         if not downloads_allowed(cfg):
             raise UserError(f"Food-101 not found in {folder}; put torchvision's food-101 folder under "
-                            f"--zeroshot-root, or allow the download (no --no-download, HF_HUB_OFFLINE unset)")
+                            f"--zeroshot-root, or run where it downloads (network, no --no-download, "
+                            f"no HF_HUB_OFFLINE=1)")
         try:
             torchvision.datasets.Food101(cfg.data_root, split="test", download=True)
         except Exception as e:

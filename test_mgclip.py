@@ -607,3 +607,17 @@ def test_visual_classifier_starts_at_class_means_and_trains_only_new_rows():
     assert torch.allclose(w[5:], torch.stack([feats[labels == c].mean(0) for c in (5, 6, 7)]), atol=1e-6)
     trained = M.train_visual_classifier(old, feats, labels, range(5, 8), settings("--vis-epochs", "3"), seed=0)
     assert torch.equal(trained[:5], old) and not torch.allclose(trained[5:], w[5:])
+
+
+def test_readme_commands_parse():
+    """Every `python mgclip.py ...` and flag set that README.md shows is a valid command line."""
+    import re
+    import shlex
+    text = (HERE / "README.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(c.split("#")[0])[2:] for c in re.findall(r"python mgclip\.py [^`\n]*", text)]
+    commands += [shlex.split(c) for c in re.findall(r"`(--dataset [^`]*)`", text)]
+    commands = [c for c in commands if c and "..." not in c and "--help" not in c and "--resume" not in c]
+    assert len(commands) >= 10
+    for argv in commands:
+        cfg = M.parse_settings(argv)
+        assert cfg.dataset in M.DATASET_DEFAULTS and cfg.tasks and cfg.lr, argv

@@ -183,6 +183,16 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def start_device(cfg: Settings) -> torch.device:
+    """The run's device, seeded, with TF32 matmuls and a fresh peak-memory count on CUDA."""
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    return device
+
+
 # ----------------------------------------------------------------------------
 # Data: class orders, task splits, benchmarks
 # ----------------------------------------------------------------------------
@@ -390,9 +400,11 @@ def load_image_folders(cfg: Settings) -> Benchmark:
         raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
     if not raw and test_dir is None:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
-    if cfg.dataset in ("imagenet100", "imagenet-r"):
-        wnids, names = listed_classes(IMAGENET100_CLASSES if cfg.dataset == "imagenet100" else IMAGENET_R_CLASSES)
-        order = class_order(cfg, len(wnids), IMAGENET100_ORDER if cfg.dataset == "imagenet100" else IMAGENET_R_ORDER)
+    listed = {"imagenet100": (IMAGENET100_CLASSES, IMAGENET100_ORDER),
+              "imagenet-r": (IMAGENET_R_CLASSES, IMAGENET_R_ORDER)}
+    if cfg.dataset in listed:
+        wnids, names = listed_classes(listed[cfg.dataset][0])
+        order = class_order(cfg, len(wnids), listed[cfg.dataset][1])
     else:
         wnids = image_folders(root / "train")
         if wnids != image_folders(test_dir):
@@ -815,24 +827,18 @@ class Clock:
                 for p, s in self.seconds.items()}
 
 
-def write_text(path: Path, text: str):
-    """Replace a file atomically: a temporary file, then a rename, so readers never see half of it."""
+def replace_atomically(path: Path, write):
+    """Write a file through a temporary one, then rename: a crash or Ctrl-C never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
 
 
 def write_json(path: Path, obj, mode="w"):
     """Write JSON, or append one line of it (mode "a"), atomically."""
     old = path.read_text() if mode == "a" and path.exists() else ""
-    write_text(path, old + json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=2))
-
-
-def save_checkpoint(path: Path, state: dict):
-    """OUT/checkpoint.pt after each task, atomically: a crash mid-write leaves the previous one intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    text = old + json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=2)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def load_checkpoint(out: str) -> dict:
@@ -868,11 +874,7 @@ def run(cfg: Settings) -> dict:
     plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
     if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
         settle_offline(cfg)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats()
+    device = start_device(cfg)
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
@@ -897,7 +899,8 @@ def run(cfg: Settings) -> dict:
         torch.set_rng_state(state["rng"])
         clock.seconds.update(state["seconds"])
         clock.images.update(state["images"])
-        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["rows"]))
+        rows = "".join(json.dumps(r) + "\n" for r in state["rows"])
+        replace_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text(rows))
         log.info(f"resumed from {out / 'checkpoint.pt'} after task {state['task']}")
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -954,7 +957,7 @@ def run(cfg: Settings) -> dict:
                      classifier=classifier.cpu() if classifier is not None else None,
                      seconds=dict(clock.seconds), images=dict(clock.images), settings=dataclasses.asdict(cfg))
         write_json(out / "metrics.jsonl", row, mode="a")
-        save_checkpoint(out / "checkpoint.pt", state)
+        replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))  # the last good one stays
         log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
                  f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f} (pre-trained CLIP->trained)")
         if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(t + 1):  # test hook: a pre-emption after this task
@@ -1046,10 +1049,7 @@ def measure_speed(cfg: Settings) -> dict:
     """Images/s of our training step and evaluation batch next to the bare image tower's fwd+bwd and fwd."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = start_device(cfg)
     clip = load_clip(cfg, device)
     lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
     size = clip.image_size if not cfg.gpu_preprocess else 32  # --gpu-preprocess: CIFAR-sized uint8 input
@@ -1072,23 +1072,25 @@ def measure_speed(cfg: Settings) -> dict:
         with autocast(device), parametrize.cached():
             clip.model.encode_image(clip.input(x_eval))
 
-    def timed(fn, n_images, repeats=5):
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    def our_eval():  # what evaluate() does per batch
+        preds = predict(clip, x_eval, text_feats, w, scale, (cfg.text_weight, cfg.visual_weight))
+        correct.index_add_(1, y_eval, (preds == y_eval).float())
+
+    clock = Clock(device)
+
+    def timed(name, fn, n_images, repeats=5):
         fn()  # warm-up: kernels, caches
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return repeats * n_images / (time.perf_counter() - start)
+        with clock(name, repeats * n_images):
+            for _ in range(repeats):
+                fn()
+        return clock.images[name] / clock.seconds[name]
 
     speed = dict(device=str(device), model=cfg.model, image_input=size, batch_size=cfg.batch_size,
                  eval_batch_size=cfg.eval_batch_size,
-                 bare_train=timed(bare_train, cfg.batch_size),
-                 train=timed(lambda: train_step(clip, opt, x_train, y, tokens[:10], scale), cfg.batch_size),
-                 bare_eval=timed(bare_eval, cfg.eval_batch_size),
-                 eval=timed(lambda: correct.index_add_(1, y_eval, (predict(clip, x_eval, text_feats, w, scale, (
-                     cfg.text_weight, cfg.visual_weight)) == y_eval).float()), cfg.eval_batch_size))
+                 bare_train=timed("bare_train", bare_train, cfg.batch_size),
+                 train=timed("train", lambda: train_step(clip, opt, x_train, y, tokens[:10], scale), cfg.batch_size),
+                 bare_eval=timed("bare_eval", bare_eval, cfg.eval_batch_size),
+                 eval=timed("eval", our_eval, cfg.eval_batch_size))
     speed.update(train_cost_ratio=round(speed["bare_train"] / speed["train"], 3),
                  eval_cost_ratio=round(speed["bare_eval"] / speed["eval"], 3),
                  peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -1,0 +1,87 @@
+"""Time MG-CLIP's training step and evaluation batch against the bare image tower (random images, random init).
+
+    python benchmarks/speed.py --model ViT-B-16 --batch-size 128 --eval-batch-size 256 --device cuda
+    python benchmarks/speed.py --model tiny --batch-size 128 --eval-batch-size 256          # a CPU smoke test
+
+The cost ratio is our time per image over the bare tower's: forward+backward into LoRA for training (our step adds
+the text tower on the task's 10 prompts and the loss), forward for evaluation (ours adds both branches' scores).
+Prints one JSON object and, with --out FILE, writes it there.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mgclip as M  # noqa: E402
+
+
+def timed(fn, images: int, device: torch.device, repeats: int) -> float:
+    """Images per second of fn over `repeats` calls, after one warm-up call (kernels, caches)."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return repeats * images / (time.perf_counter() - start)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name or 'tiny' (random init either way)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu | ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="as mgclip.py --precision")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--out", help="also write the JSON to this file")
+    args = p.parse_args(argv)
+    device = M.pick_device(args.device)
+    amp = M.set_precision(device, args.precision)
+    clip = M.load_clip(args.model, "none", device)
+    lora = M.add_lora(clip.model)
+    model, size = clip.model, clip.image_size
+    x_train = clip.input(torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, device=device))
+    x_eval = clip.input(torch.randint(0, 256, (args.eval_batch_size, 3, size, size), dtype=torch.uint8, device=device))
+    tokens = clip.tokenize([f"a good photo of a class {i}." for i in range(100)]).to(device)
+    y = torch.arange(args.batch_size, device=device) % 10
+    opt, _ = M.lora_optimizer(lora, 1e-3, 1)
+    scale = model.logit_scale.exp().detach()
+    text = M.text_features(model, tokens, amp)
+    w = F.normalize(torch.randn(100, text.shape[1], device=device), dim=-1)
+
+    def bare_train():
+        with M.towers(device, amp):
+            model.encode_image(x_train).float().sum().backward()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def bare_eval():
+        with M.towers(device, amp):
+            model.encode_image(x_eval)
+
+    speed = dict(device=str(device), model=args.model, precision=args.precision, batch_size=args.batch_size,
+                 eval_batch_size=args.eval_batch_size,
+                 bare_train=timed(bare_train, args.batch_size, device, args.repeats),
+                 train=timed(lambda: M.train_step(model, opt, x_train, y, tokens[:10], scale, amp), args.batch_size,
+                             device, args.repeats),
+                 bare_eval=timed(bare_eval, args.eval_batch_size, device, args.repeats),
+                 eval=timed(lambda: M.predict(model, x_eval, text, w, scale, amp=amp), args.eval_batch_size, device,
+                            args.repeats))
+    speed.update(train_cost_ratio=speed["bare_train"] / speed["train"], eval_cost_ratio=speed["bare_eval"] / speed["eval"],
+                 peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+    speed = {k: round(v, 3) if isinstance(v, float) else v for k, v in speed.items()}
+    print(json.dumps(speed, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(speed, indent=2))
+    return speed
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ import pickle
 import random
 import socket
 import sys
+import textwrap
 import time
 import typing
 import urllib.parse
@@ -83,6 +84,8 @@ class Settings:
     tasks: int | None = arg(None, DATA, "number of tasks T (cifar100: 10)")
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly")
     class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
+    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
+                                                   "train_100.txt val_100.txt), paths relative to --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes")
     syn_train: int = arg(48, DATA, "synthetic: training images per class")
@@ -118,9 +121,16 @@ FREE_ON_RESUME = {"data_root", "download", "device", "workers", "eval_batch_size
                   "plot", "progress"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, a word for a number) are one line, like every other error."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     groups = {}
     hints = typing.get_type_hints(Settings)
     for f in dataclasses.fields(Settings):
@@ -128,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
             f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         kind = next(a for a in typing.get_args(hints[f.name]) or [hints[f.name]] if a is not type(None))
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool and f.default:
+        if typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", metavar="FILE", help=f.metadata["help"])
+        elif kind is bool and f.default:
             group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f.metadata["help"])
         elif kind is bool:
             group.add_argument(flag, action="store_true", help=f.metadata["help"])
@@ -147,7 +159,7 @@ def parse_settings(argv=None) -> Settings:
             if given[key] != saved.get(key):
                 raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the checkpoint "
                                 f"of {given['resume']}; resume with the run's own settings or start a new --out")
-        known = {f.name: saved[f.name] for f in dataclasses.fields(Settings) if f.name in saved}  # older runs: fewer
+        known = {k: v for k, v in saved.items() if k in known_settings()}
         return Settings(**{**known, **given, "out": given["resume"]})
     cfg = Settings(**given)
     if cfg.dataset not in DATASET_DEFAULTS:
@@ -159,10 +171,51 @@ def parse_settings(argv=None) -> Settings:
         cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
     if cfg.model == "tiny" and cfg.pretrained != "none":
         raise UserError("--model tiny is a random-init toy CLIP; drop --pretrained or pass --pretrained none")
+    check_settings(cfg)
     if cfg.out is None:
         suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
         cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
+    if (Path(cfg.out) / "checkpoint.pt").is_file():  # a rerun (a resubmitted job): continue it, never overwrite it
+        saved = load_checkpoint(cfg.out)["settings"]
+        differ = [k for k in saved if k in known_settings() and k not in FREE_ON_RESUME and saved[k] != getattr(cfg, k)]
+        if differ:
+            flag = "--" + differ[0].replace("_", "-")
+            raise UserError(f"--out {cfg.out} holds a run with another {flag} ({saved[differ[0]]}); continue it with "
+                            f"--resume {cfg.out}, or give a new --out")
+        cfg.resume = cfg.out
     return cfg
+
+
+def known_settings() -> set[str]:
+    """The names of the settings."""
+    return {f.name for f in dataclasses.fields(Settings)}
+
+
+# The smallest allowed value of each numeric setting (None: not set); lr, vis_lr, alpha, lora_alpha must be > 0.
+AT_LEAST = dict(tasks=1, initial_increment=0, epochs=1, max_epochs=1, batch_size=1, vis_batch_size=1, vis_epochs=0,
+                lora_rank=1, text_weight=0, visual_weight=0, syn_classes=2, syn_train=1, syn_test=1, syn_size=8,
+                seed=0, workers=0, eval_batch_size=1)
+PRECISIONS = ("fp32", "tf32", "bf16")
+FOLDER_DATASETS = ("imagenet100", "imagenet-r", "imagenet", "folder")
+
+
+def check_settings(cfg: Settings):
+    """Refuse at once what would fail later or silently train nothing, saying what is allowed."""
+    for key, low in AT_LEAST.items():
+        if getattr(cfg, key) is not None and not getattr(cfg, key) >= low:
+            raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
+    for key in ("lr", "vis_lr", "alpha", "lora_alpha"):
+        if not getattr(cfg, key) > 0:  # also refuses nan
+            raise UserError(f"--{key.replace('_', '-')} must be greater than 0, got {getattr(cfg, key)}")
+    if cfg.text_weight + cfg.visual_weight <= 0:
+        raise UserError("--text-weight and --visual-weight must not both be 0")
+    if "{}" not in cfg.prompt:
+        raise UserError(f"--prompt '{cfg.prompt}' has no {{}} for the class name; e.g. --prompt 'a photo of a {{}}.'")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision} is not one of {', '.join(PRECISIONS)}")
+    if cfg.split_file and cfg.dataset not in FOLDER_DATASETS:
+        raise UserError(f"--split-file is for the image-folder datasets ({', '.join(FOLDER_DATASETS)}), "
+                        f"not --dataset {cfg.dataset}")
 
 
 def variant(cfg: Settings) -> str:
@@ -192,6 +245,10 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
                             f"{[d for d in range(1, num_classes + 1) if num_classes % d == 0]} "
                             f"or set --initial-increment")
         sizes = [num_classes // tasks] * tasks
+    if min(sizes) < 2:  # cross-entropy over one class is 0: such a task would train nothing
+        works = [d for d in range(1, num_classes // 2 + 1) if num_classes % d == 0]
+        raise UserError(f"a task needs at least 2 classes, and --tasks {tasks} gives one with {min(sizes)} of the "
+                        f"{num_classes}; use --tasks {' or '.join(map(str, works))}")
     bounds = [0] + [sum(sizes[: i + 1]) for i in range(tasks)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
@@ -268,11 +325,14 @@ class Benchmark:
     train: Split
     test: Split
     classnames: list[str]  # in class-order positions: task 1 holds classnames[:n1], ...
+    order: list[int]  # the dataset's class index at each position
 
 
-def downloads_allowed(cfg: Settings) -> bool:
-    """Downloads happen unless --no-download or HF_HUB_OFFLINE=1 says this machine is offline."""
-    return cfg.download and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0")
+def download_forbidden(cfg: Settings) -> str | None:
+    """What the user said to forbid downloads (--no-download, HF_HUB_OFFLINE=1), or None."""
+    if not cfg.download:
+        return "--no-download"
+    return "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else None
 
 
 def unpickle(path: Path, *keys):
@@ -291,10 +351,9 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     files = [folder / name for name in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        if not downloads_allowed(cfg):
-            raise UserError(f"CIFAR-100 is missing {missing[0]}; put torchvision's cifar-100-python folder under "
-                            f"--data-root, or run where it downloads (network, no --no-download, "
-                            f"no HF_HUB_OFFLINE=1)")
+        if download_forbidden(cfg):
+            raise UserError(f"CIFAR-100 is missing {missing[0]} and {download_forbidden(cfg)} forbids its download; "
+                            f"put torchvision's cifar-100-python folder under --data-root")
         try:
             torchvision.datasets.CIFAR100(cfg.data_root, download=True)
         except Exception as e:
@@ -306,7 +365,7 @@ def load_cifar100(cfg: Settings) -> Benchmark:
         pixels, labels = unpickle(f, "data", "fine_labels")
         splits.append(Split(where[torch.as_tensor(labels)], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
     names = unpickle(files[2], "fine_label_names")[0]
-    return Benchmark(*splits, [names[i] for i in order])
+    return Benchmark(*splits, [names[i] for i in order], order)
 
 
 def image_folders(root: Path) -> list[str]:
@@ -374,24 +433,58 @@ def folder_classes(cfg: Settings, root: Path, test_dir: Path) -> tuple[list[str]
     return wnids, names, class_order(cfg, len(wnids))
 
 
+def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[Split, Split]:
+    """The train and test images the authors' lists name: RAPF's (a line 'train', paths, a line 'test', paths) or
+    continuum's ('train/<wnid>/x.JPEG 0' lines; paths outside train/ are test images); labelled by class folder."""
+    where, listed = {c: pos for pos, c in enumerate(classes)}, {"train": [], "test": []}
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --split-file {path} ({type(e).__name__})") from None
+        section = None  # RAPF's lists name their sections; continuum's paths start with train/ or val/
+        for line in filter(None, (line.strip() for line in lines)):
+            if line in ("train", "test"):
+                section = line
+                continue
+            file = line.split()[0]
+            listed[section or ("train" if file.startswith("train/") else "test")].append(root / file)
+    splits = []
+    for part, files in listed.items():
+        for file in files:
+            if not file.is_file():
+                raise UserError(f"{file}, listed in --split-file, does not exist; check --data-root")
+            if file.parent.name not in where:
+                raise UserError(f"{file}, listed in --split-file, is in no class folder of --dataset")
+        if not files:
+            raise UserError(f"--split-file lists no {part} images; give the train and the test list")
+        files = sorted(files, key=lambda f: (where[f.parent.name], str(f)))
+        splits.append(Split(torch.tensor([where[f.parent.name] for f in files]), files=[str(f) for f in files]))
+    return splits[0], splits[1]
+
+
 def load_image_folders(cfg: Settings) -> Benchmark:
     """ImageNet-100, ImageNet-R, ImageNet-1K or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
     root = Path(cfg.data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root} does not exist; point it at the folder holding train/ and val/ (or test/)")
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    tests = ("test", "val") if cfg.dataset == "imagenet-r" else ("val", "test")  # the authors' ImageNet-R: test/
+    test_dir = next((root / s for s in tests if (root / s).is_dir()), None)
+    listed = cfg.split_file and cfg.dataset in ("imagenet100", "imagenet-r")  # classes known, no folders needed
     raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()
-    if not raw and not (root / "train").is_dir():
+    if not raw and not listed and not (root / "train").is_dir():
         raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
-    if not raw and test_dir is None:
+    if not raw and not listed and test_dir is None:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
     wnids, names, order = folder_classes(cfg, root, test_dir)
     classes = [wnids[i] for i in order]
-    if raw:
+    if cfg.split_file:
+        train, test = read_split_files(cfg.split_file, root, classes)
+    elif raw:
         train, test = split_raw_imagenet_r(root, classes, cfg.seed)
     else:
         train, test = folder_split(root / "train", classes), folder_split(test_dir, classes)
-    return Benchmark(train, test, [names[i] for i in order])
+    return Benchmark(train, test, [names[i] for i in order], order)
 
 
 def synthetic_benchmark(cfg: Settings) -> Benchmark:
@@ -415,17 +508,16 @@ def synthetic_benchmark(cfg: Settings) -> Benchmark:
     where = positions(order)
     for split in (train, test):
         split.labels = where[split.labels]
-    return Benchmark(train, test, [names[i] for i in order])
+    return Benchmark(train, test, [names[i] for i in order], order)
 
 
 def load_food101(cfg: Settings) -> Benchmark:
     """Food-101 (zero-shot retention) in torchvision's layout: food-101/images/, meta/{classes.txt,test.json}."""
     folder = Path(cfg.data_root) / "food-101"
     if not (folder / "meta" / "test.json").is_file():
-        if not downloads_allowed(cfg):
-            raise UserError(f"Food-101 not found in {folder}; put torchvision's food-101 folder under "
-                            f"--zeroshot-root, or run where it downloads (network, no --no-download, "
-                            f"no HF_HUB_OFFLINE=1)")
+        if download_forbidden(cfg):
+            raise UserError(f"Food-101 is not in {folder} and {download_forbidden(cfg)} forbids its download; "
+                            f"put torchvision's food-101 folder under --zeroshot-root")
         try:
             torchvision.datasets.Food101(cfg.data_root, split="test", download=True)
         except Exception as e:
@@ -435,7 +527,7 @@ def load_food101(cfg: Settings) -> Benchmark:
     files = [(str(folder / "images" / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
     test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
     no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
-    return Benchmark(no_train, test, [c.replace("_", " ") for c in classes])
+    return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
 
 
 def load_benchmark(cfg: Settings) -> Benchmark:
@@ -503,8 +595,11 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         try:
             model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
         except Exception as e:
-            raise UserError(f"could not load --pretrained {pretrained} for {name}: {str(e).splitlines()[0][:200]}. "
-                            f"Pass --pretrained PATH to a local checkpoint or run where the weights download") from None
+            reason = textwrap.shorten(str(e) or type(e).__name__, 160, placeholder=" ...")
+            cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are "
+                            f"looked for in the Hugging Face cache under HF_HOME ({cache}): put them there, pass "
+                            f"--pretrained PATH to a local file, or run where they download") from None
         finally:
             logging.disable(logging.NOTSET)
         tokenize = open_clip.get_tokenizer(name)
@@ -940,7 +1035,7 @@ def settle_offline(cfg: Settings):
     """Treat the machine as offline (HF_HUB_OFFLINE=1, read when huggingface_hub is imported) on --no-download or
     when the hub does not answer within 3 s: weights then come from the cache or fail at once, never a retry loop."""
     hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))  # or a mirror
-    if downloads_allowed(cfg):
+    if not download_forbidden(cfg):
         try:
             socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)), 3).close()
             return
@@ -951,12 +1046,12 @@ def settle_offline(cfg: Settings):
 
 def set_up(cfg: Settings, out: Path) -> tuple[Run, Benchmark | None]:
     """Device, data, CLIP with LoRA and the prompts of a run, and the zero-shot benchmark if any."""
-    if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
-        settle_offline(cfg)
     device, amp = start_device(cfg)
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
+    if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
+        settle_offline(cfg)  # after the data: it only decides how the weights load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
     for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
         stored = split.files is None and split.images.shape[-2:] == (clip.image_size,) * 2
@@ -1013,6 +1108,8 @@ def summarize(r: Run, state: dict, zeroshot: Benchmark | None) -> dict:
     task, zero-shot retention, and seconds and images/s per phase."""
     cfg, rows = r.cfg, state["rows"]
     summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(r.clip.mean.device),
+                   classnames=r.data.classnames, class_order=r.data.order, train_images=len(r.data.train),
+                   test_images=len(r.data.test),
                    epochs_star=state["epochs"], epochs_searched=state["searched"],
                    lora_parameters=sum(p.numel() for p in r.lora),
                    **continual_metrics([row["acc"] for row in rows], [row["acc_per_task"] for row in rows]),
@@ -1043,7 +1140,7 @@ def resume_state(r: Run, out: Path) -> dict:
     r.clock.images.update(state["images"])
     rows = "".join(json.dumps(row) + "\n" for row in state["rows"])
     replace_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text(rows))
-    log.info(f"resumed from {out / 'checkpoint.pt'} after task {len(state['rows'])}")
+    log.info(f"continuing the run in {out} after task {len(state['rows'])} (from its checkpoint.pt)")
     return state
 
 
@@ -1148,20 +1245,29 @@ def plot_run(summary, path: Path, plt):
     log.info(f"plot: {path}")
 
 
+def stop(cfg: Settings | None, message: str, code: int = 1):
+    """Exit with one line on stderr, also appended to the run's log.txt when the run has one."""
+    if cfg is not None and (Path(cfg.out) / "log.txt").is_file():
+        with open(Path(cfg.out) / "log.txt", "a") as fh:
+            fh.write(message + "\n")
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
-    """Command line entry: every expected failure ends in one line saying what to do."""
+    """Command line entry: every expected failure ends in one line saying what to do, and a non-zero exit."""
     cfg = None
     try:
         cfg = parse_settings(argv)
         run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
-        sys.exit(f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
+        stop(cfg, f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
     except torch.cuda.OutOfMemoryError:
-        sys.exit(f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
-                 f"or --eval-batch-size (now {cfg.eval_batch_size})")
+        stop(cfg, f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
+                  f"or --eval-batch-size (now {cfg.eval_batch_size})")
     except KeyboardInterrupt:
         where = f"; resume with --resume {cfg.out}" if cfg and (Path(cfg.out) / "checkpoint.pt").is_file() else ""
-        sys.exit(f"mgclip: interrupted{where}")
+        stop(cfg, f"mgclip: interrupted{where}", 130)
 
 
 # ----------------------------------------------------------------------------

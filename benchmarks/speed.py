@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
                  bare_eval=timed(bare_eval, args.eval_batch_size, device, args.repeats),
                  eval=timed(lambda: M.predict(model, x_eval, text, w, scale, amp=amp), args.eval_batch_size, device,
                             args.repeats))
-    speed.update(train_cost_ratio=speed["bare_train"] / speed["train"], eval_cost_ratio=speed["bare_eval"] / speed["eval"],
+    speed.update(train_cost_ratio=speed["bare_train"] / speed["train"],
+                 eval_cost_ratio=speed["bare_eval"] / speed["eval"],
                  peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     speed = {k: round(v, 3) if isinstance(v, float) else v for k, v in speed.items()}
     print(json.dumps(speed, indent=2))

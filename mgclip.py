@@ -85,7 +85,7 @@ class Settings:
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly")
     class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
     split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
-                                                   "train_100.txt val_100.txt), paths relative to --data-root")
+                                                   "train_100.txt val_100.txt); entries relative to --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes")
     syn_train: int = arg(48, DATA, "synthetic: training images per class")
@@ -157,8 +157,8 @@ def parse_settings(argv=None) -> Settings:
         saved = load_checkpoint(given["resume"])["settings"]
         for key in sorted(given.keys() - FREE_ON_RESUME):
             if given[key] != saved.get(key):
-                raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the checkpoint "
-                                f"of {given['resume']}; resume with the run's own settings or start a new --out")
+                raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved.get(key)} in the "
+                                f"checkpoint of {given['resume']}; keep the run's own settings or give a new --out")
         known = {k: v for k, v in saved.items() if k in known_settings()}
         return Settings(**{**known, **given, "out": given["resume"]})
     cfg = Settings(**given)
@@ -690,7 +690,8 @@ def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
 # The modality gap
 # ----------------------------------------------------------------------------
 def modality_gap(image_features, text_features, labels, logit_scale: float):
-    """S+ (matching pairs), S- (non-matching pairs), both s * cos, and the centroid gap ||mean v - mean t||."""
+    """S+ (matching pairs), S- (non-matching pairs), both s * cos with s = exp(model.logit_scale) (100 for CLIP), and
+    the centroid gap ||mean_i v_i - mean_c t_c|| (each class prompt counted once)."""
     v = F.normalize(image_features.float(), dim=-1)
     t = F.normalize(text_features.float(), dim=-1)
     pos = logit_scale * (v * t[labels]).sum(-1)
@@ -717,8 +718,8 @@ def train_step(model: nn.Module, opt, x, y, task_tokens, scale, amp: torch.dtype
 
 
 def train_epoch(model: nn.Module, opt, batches, tokens, classes: range, amp: torch.dtype | None = None) -> float:
-    """One epoch of LoRA fine-tuning on a task's batches: labels count from the task's first class, the logits
-    cover its own classes only (old classes' prompts are not pushed away). Returns the mean loss."""
+    """One epoch of LoRA fine-tuning on a task's batches (labels: class positions in `classes`), with the restricted
+    cross-entropy: logits over the task's own classes only, so old classes' prompts are not pushed away. Mean loss."""
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -738,8 +739,9 @@ def lora_optimizer(lora: list[nn.Parameter], lr: float, epochs: int):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.01 * lr)
 
 
-def finetune_lora(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
-    """LoRA fine-tuning on one task for `epochs` epochs (batches: re-iterable, one pass per epoch)."""
+def lora_epochs(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
+    """One task's LoRA fine-tuning, an epoch at a time under one cosine schedule over `epochs` (batches: re-iterable,
+    one pass per epoch); yields (epoch, mean loss, the lr the epoch ran at) after each."""
     opt, schedule = lora_optimizer(lora, lr, epochs)
     for epoch in range(1, epochs + 1):
         epoch_lr = schedule.get_last_lr()[0]
@@ -748,23 +750,23 @@ def finetune_lora(model, lora, batches, tokens, classes: range, lr: float, epoch
         except FloatingPointError as e:
             raise FloatingPointError(f"epoch {epoch}, {e}") from None
         schedule.step()
+        yield epoch, loss, epoch_lr
+
+
+def finetune_lora(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
+    """LoRA fine-tuning on one task for `epochs` epochs (E*), with the restricted cross-entropy."""
+    for epoch, loss, epoch_lr in lora_epochs(model, lora, batches, tokens, classes, lr, epochs, amp):
         log.info(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
 
 
 def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None) -> tuple[int, bool]:
     """Gap preservation on task 1: train epoch by epoch (cosine over max_epochs), measure S- after each, and stop at
-    the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha. Returns E* = max(e - 1, 1) and whether to retrain."""
-    opt, schedule = lora_optimizer(lora, lr, max_epochs)
+    the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha. S-(0): the pre-trained CLIP's on the same images and
+    prompts. Returns E* = max(e - 1, 1) and whether to retrain: then reset LoRA and finetune_lora for E* epochs."""
     seen_tokens = tokens[: classes.stop]
     scale = model.logit_scale.exp().item()
-    for epoch in range(1, max_epochs + 1):
-        epoch_lr = schedule.get_last_lr()[0]
-        try:
-            loss = train_epoch(model, opt, train_batches, tokens, classes, amp)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"epoch {epoch}, {e}") from None
-        schedule.step()
+    for epoch, loss, epoch_lr in lora_epochs(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         feats, labels = image_features(model, feature_batches, amp)
         s_minus = modality_gap(feats, text_features(model, seen_tokens, amp), labels, scale)[1]
         drift = abs(s_minus - s_minus_0) / abs(s_minus_0)
@@ -823,7 +825,7 @@ def predict(model, x, text_feats, w, scale, weights=(1.0, 4.0), amp=None) -> tor
 @torch.no_grad()
 def evaluate(model, batches, text_feats, classifier, weights=(1.0, 4.0), amp=None):
     """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
-    counts (C,), over the seen classes C = len(text_feats); classifier None: the text branch alone."""
+    counts (C,), over the seen classes C = len(text_feats); classifier None (no compensation): read row 1."""
     device = model.logit_scale.device
     seen = len(text_feats)
     scale = model.logit_scale.exp().float()

@@ -323,7 +323,7 @@ def test_help_is_grouped_and_explains_every_flag():
 def test_method_functions_take_no_settings():
     """The method's functions take models, tensors and numbers: each can be copied into another project."""
     import inspect
-    for fn in (M.add_lora, M.train_step, M.train_epoch, M.finetune_lora, M.search_epochs, M.modality_gap,
+    for fn in (M.add_lora, M.train_step, M.train_epoch, M.lora_epochs, M.finetune_lora, M.search_epochs, M.modality_gap,
                M.text_features, M.image_features, M.train_visual_classifier, M.fuse_scores, M.predict, M.evaluate,
                M.split_tasks, M.continual_metrics, M.accuracy, M.load_clip):
         for p in inspect.signature(fn).parameters.values():

@@ -155,12 +155,14 @@ def parse_settings(argv=None) -> Settings:
     given = vars(build_parser().parse_args(argv))  # only the flags on the command line
     if "resume" in given:
         saved = load_checkpoint(given["resume"])["settings"]
-        for key in sorted(given.keys() - FREE_ON_RESUME):
-            if given[key] != saved.get(key):
-                raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved.get(key)} in the "
-                                f"checkpoint of {given['resume']}; keep the run's own settings or give a new --out")
+        key = changed_setting(saved, given)
+        if key:
+            raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved.get(key)} in the "
+                            f"checkpoint of {given['resume']}; keep the run's own settings or give a new --out")
         known = {k: v for k, v in saved.items() if k in known_settings()}
-        return Settings(**{**known, **given, "out": given["resume"]})
+        cfg = Settings(**{**known, **given, "out": given["resume"]})
+        check_settings(cfg)  # the flags a resume may change (--workers, --eval-batch-size, ...) are checked too
+        return cfg
     cfg = Settings(**given)
     if cfg.dataset not in DATASET_DEFAULTS:
         raise UserError(f"unknown --dataset '{cfg.dataset}'; choose one of {', '.join(DATASET_DEFAULTS)}")
@@ -177,13 +179,17 @@ def parse_settings(argv=None) -> Settings:
         cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
     if (Path(cfg.out) / "checkpoint.pt").is_file():  # a rerun (a resubmitted job): continue it, never overwrite it
         saved = load_checkpoint(cfg.out)["settings"]
-        differ = [k for k in saved if k in known_settings() and k not in FREE_ON_RESUME and saved[k] != getattr(cfg, k)]
-        if differ:
-            flag = "--" + differ[0].replace("_", "-")
-            raise UserError(f"--out {cfg.out} holds a run with another {flag} ({saved[differ[0]]}); continue it with "
-                            f"--resume {cfg.out}, or give a new --out")
+        key = changed_setting(saved, {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved})
+        if key:
+            raise UserError(f"--out {cfg.out} holds a run with another --{key.replace('_', '-')} ({saved[key]}); "
+                            f"continue it with --resume {cfg.out}, or give a new --out")
         cfg.resume = cfg.out
     return cfg
+
+
+def changed_setting(saved: dict, values: dict) -> str | None:
+    """The first setting in `values` that a resumed run may not change and that differs from the checkpoint's."""
+    return next((k for k in sorted(values.keys() - FREE_ON_RESUME) if values[k] != saved.get(k)), None)
 
 
 def known_settings() -> set[str]:
@@ -960,11 +966,11 @@ def learn_task(r: Run, t: int, epochs: int | None, classifier):
     (gap compensation), evaluation on all seen classes. Returns the task's metrics row and the classifier."""
     cfg, model, data, classes = r.cfg, r.clip.model, r.data, r.tasks[t]
     seen = range(0, classes.stop)
-    n_train = int(((data.train.labels >= classes.start) & (data.train.labels < classes.stop)).sum())
+    train = r.batches(data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
+    n_train = train.images
     log.info(f"task {t + 1}/{len(r.tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
     with r.clock("gap", n_train), pretrained_clip(r.lora, r.untouched):  # as the authors: before = pre-trained CLIP
         before = r.gap(data.train, classes, "gap before")[3]
-    train = r.batches(data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
     retrain = True
     if epochs is None:  # gap preservation on task 1: E* then serves every task
         probe = r.batches(data.train, classes, "gap search")

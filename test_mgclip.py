@@ -588,6 +588,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
     assert "--tasks" in fail(["--resume", out, "--tasks", "2"])
     assert "--dataset" in fail(["--resume", out, "--dataset", "cifar100"])
     assert "--seed" in fail(["--resume", out, "--seed", "3"])
+    assert "--eval-batch-size must be at least 1" in fail(["--resume", out, "--eval-batch-size", "0"])
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
     assert "unreadable" in fail(["--resume", out])
     assert "no checkpoint" in fail(["--resume", str(tmp_path)])

@@ -10,8 +10,6 @@ Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the
 S+ / S-, the probe's E*, the classifier's weights and every prediction agree to ~1e-5); the synthetic numbers
 above are checked by the tests. Timings: README.md, Performance, and benchmarks/speed.py.
 """
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import json
@@ -19,7 +17,6 @@ import logging
 import math
 import os
 import pickle
-import random
 import socket
 import sys
 import textwrap
@@ -47,9 +44,7 @@ class UserError(ValueError):
     """A mistake in the command line or the data: reported as one line, never a traceback."""
 
 
-# ----------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Settings
 def arg(default, group: str, help: str):
     """A settings field with its --help group and text."""
     return field(default=default, metadata=dict(group=group, help=help))
@@ -115,7 +110,12 @@ DATASET_DEFAULTS = {
         "synthetic":   (4, 1e-2, 16, 2e-3, 16, 3, 0, "tiny"),
     }.items()
 }
-
+# The smallest allowed value of each numeric setting (None: not set); lr, vis_lr, alpha, lora_alpha must be > 0.
+AT_LEAST = dict(tasks=1, initial_increment=0, epochs=1, max_epochs=1, batch_size=1, vis_batch_size=1, vis_epochs=0,
+                lora_rank=1, text_weight=0, visual_weight=0, syn_classes=2, syn_train=1, syn_test=1, syn_size=8,
+                seed=0, workers=0, eval_batch_size=1)
+PRECISIONS = ("fp32", "tf32", "bf16")
+FOLDER_DATASETS = ("imagenet100", "imagenet-r", "imagenet", "folder")
 # What a resumed run may change; every other setting changes the numbers and must stay.
 FREE_ON_RESUME = {"data_root", "download", "device", "workers", "eval_batch_size", "out", "resume", "zeroshot_root",
                   "plot", "progress"}
@@ -131,39 +131,46 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
     parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    groups = {}
-    hints = typing.get_type_hints(Settings)
+    groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
     for f in dataclasses.fields(Settings):
-        group = groups.get(f.metadata["group"]) or groups.setdefault(
-            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        kind = next(a for a in typing.get_args(hints[f.name]) or [hints[f.name]] if a is not type(None))
+        group, text = groups[f.metadata["group"]], f.metadata["help"]
         flag = "--" + f.name.replace("_", "-")
-        if typing.get_origin(kind) is list:
-            group.add_argument(flag, nargs="+", metavar="FILE", help=f.metadata["help"])
-        elif kind is bool and f.default:
-            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f.metadata["help"])
-        elif kind is bool:
-            group.add_argument(flag, action="store_true", help=f.metadata["help"])
+        kind = next(a for a in typing.get_args(f.type) or [f.type] if a is not type(None))
+        if f.default is True:
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=text)
+        elif f.default is False:
+            group.add_argument(flag, action="store_true", help=text)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", metavar="FILE", help=text)
         else:
             default = "" if f.default is None else f" (default: {f.default})"
-            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=f.metadata["help"] + default)
+            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=text + default)
     return parser
 
 
 def parse_settings(argv=None) -> Settings:
-    """Settings from the command line, then per-dataset defaults, or the resumed run's own settings."""
+    """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
     given = vars(build_parser().parse_args(argv))  # only the flags on the command line
-    if "resume" in given:
-        saved = load_checkpoint(given["resume"])["settings"]
-        key = changed_setting(saved, given)
-        if key:
-            raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved.get(key)} in the "
-                            f"checkpoint of {given['resume']}; keep the run's own settings or give a new --out")
-        known = {k: v for k, v in saved.items() if k in known_settings()}
-        cfg = Settings(**{**known, **given, "out": given["resume"]})
-        check_settings(cfg)  # the flags a resume may change (--workers, --eval-batch-size, ...) are checked too
-        return cfg
-    cfg = Settings(**given)
+    out = given.get("resume")
+    if out is None:
+        cfg = with_defaults(Settings(**given))
+        if not (Path(cfg.out) / "checkpoint.pt").is_file():
+            return cfg
+        out, given = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
+    saved = load_checkpoint(out)["settings"]
+    changed = [k for k in sorted(given.keys() - FREE_ON_RESUME) if k in saved and given[k] != saved[k]]
+    if changed:
+        key = changed[0]
+        raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the run in {out}; "
+                        f"continue that run with --resume {out} (its own settings), or give a new --out")
+    known = {f.name for f in dataclasses.fields(Settings)}
+    cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out, "resume": out})
+    check_settings(cfg)  # the flags a resumed run may change (--workers, --eval-batch-size, ...) are checked too
+    return cfg
+
+
+def with_defaults(cfg: Settings) -> Settings:
+    """Fill what the command line left open from the dataset's defaults, check it, and name the output folder."""
     if cfg.dataset not in DATASET_DEFAULTS:
         raise UserError(f"unknown --dataset '{cfg.dataset}'; choose one of {', '.join(DATASET_DEFAULTS)}")
     for key, value in DATASET_DEFAULTS[cfg.dataset].items():
@@ -177,32 +184,7 @@ def parse_settings(argv=None) -> Settings:
     if cfg.out is None:
         suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
         cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
-    if (Path(cfg.out) / "checkpoint.pt").is_file():  # a rerun (a resubmitted job): continue it, never overwrite it
-        saved = load_checkpoint(cfg.out)["settings"]
-        key = changed_setting(saved, {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved})
-        if key:
-            raise UserError(f"--out {cfg.out} holds a run with another --{key.replace('_', '-')} ({saved[key]}); "
-                            f"continue it with --resume {cfg.out}, or give a new --out")
-        cfg.resume = cfg.out
     return cfg
-
-
-def changed_setting(saved: dict, values: dict) -> str | None:
-    """The first setting in `values` that a resumed run may not change and that differs from the checkpoint's."""
-    return next((k for k in sorted(values.keys() - FREE_ON_RESUME) if values[k] != saved.get(k)), None)
-
-
-def known_settings() -> set[str]:
-    """The names of the settings."""
-    return {f.name for f in dataclasses.fields(Settings)}
-
-
-# The smallest allowed value of each numeric setting (None: not set); lr, vis_lr, alpha, lora_alpha must be > 0.
-AT_LEAST = dict(tasks=1, initial_increment=0, epochs=1, max_epochs=1, batch_size=1, vis_batch_size=1, vis_epochs=0,
-                lora_rank=1, text_weight=0, visual_weight=0, syn_classes=2, syn_train=1, syn_test=1, syn_size=8,
-                seed=0, workers=0, eval_batch_size=1)
-PRECISIONS = ("fp32", "tf32", "bf16")
-FOLDER_DATASETS = ("imagenet100", "imagenet-r", "imagenet", "folder")
 
 
 def check_settings(cfg: Settings):
@@ -222,6 +204,9 @@ def check_settings(cfg: Settings):
     if cfg.split_file and cfg.dataset not in FOLDER_DATASETS:
         raise UserError(f"--split-file is for the image-folder datasets ({', '.join(FOLDER_DATASETS)}), "
                         f"not --dataset {cfg.dataset}")
+    if cfg.zeroshot_eval and cfg.zeroshot_eval not in ("food101", *DATASET_DEFAULTS):
+        raise UserError(f"unknown --zeroshot-eval '{cfg.zeroshot_eval}'; choose food101 or one of "
+                        f"{', '.join(DATASET_DEFAULTS)}")
 
 
 def variant(cfg: Settings) -> str:
@@ -230,32 +215,20 @@ def variant(cfg: Settings) -> str:
     return "-".join("no-" + name for name in off) or "mgclip"
 
 
-# ----------------------------------------------------------------------------
-# Data: task splits, class orders, benchmarks
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- Data: tasks and benchmarks
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
-    """Cut the class order (positions 0..C-1) into T tasks: B classes first, the rest evenly."""
-    if tasks < 1:
-        raise UserError(f"--tasks must be at least 1, got {tasks}")
-    if initial_increment < 0 or initial_increment > num_classes:
-        raise UserError(f"--initial-increment {initial_increment} must be between 0 and the {num_classes} classes")
+    """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
     if initial_increment:
-        rest, later = num_classes - initial_increment, tasks - 1
-        if later == 0 and rest or later and (rest == 0 or rest % later):
-            raise UserError(f"the {rest} classes after --initial-increment {initial_increment} do not divide "
-                            f"into {later} tasks; change --tasks or --initial-increment")
-        sizes = [initial_increment] + [rest // later] * later
+        later = tasks - 1
+        sizes = [initial_increment] + [(num_classes - initial_increment) // max(later, 1)] * later
     else:
-        if tasks > num_classes or num_classes % tasks:
-            raise UserError(f"{num_classes} classes do not divide into {tasks} tasks; pick --tasks from "
-                            f"{[d for d in range(1, num_classes + 1) if num_classes % d == 0]} "
-                            f"or set --initial-increment")
-        sizes = [num_classes // tasks] * tasks
-    if min(sizes) < 2:  # cross-entropy over one class is 0: such a task would train nothing
-        works = [d for d in range(1, num_classes // 2 + 1) if num_classes % d == 0]
-        raise UserError(f"a task needs at least 2 classes, and --tasks {tasks} gives one with {min(sizes)} of the "
-                        f"{num_classes}; use --tasks {' or '.join(map(str, works))}")
-    bounds = [0] + [sum(sizes[: i + 1]) for i in range(tasks)]
+        sizes = [num_classes // max(tasks, 1)] * tasks
+    if tasks < 1 or initial_increment > num_classes or sum(sizes) != num_classes or min(sizes) < 2:
+        works = " or ".join(str(d) for d in range(1, num_classes // 2 + 1) if num_classes % d == 0)
+        after = f" after --initial-increment {initial_increment}" if initial_increment else ""
+        raise UserError(f"{num_classes} classes do not split into --tasks {tasks} of at least 2 classes each{after}; "
+                        f"use --tasks {works}, or another --initial-increment")
+    bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
 
@@ -281,9 +254,6 @@ def positions(order: list[int]) -> torch.Tensor:
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.as_tensor(order)] = torch.arange(len(order))
     return inverse
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def prepare_pil(image: PIL.Image.Image, size: int | None) -> torch.Tensor:
@@ -341,6 +311,18 @@ def download_forbidden(cfg: Settings) -> str | None:
     return "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else None
 
 
+def download(cfg: Settings, name: str, missing: Path, flag: str, fetch):
+    """Run torchvision's download of a dataset that lacks `missing`, unless the user forbade downloads."""
+    if download_forbidden(cfg):
+        raise UserError(f"{name} is missing {missing} and {download_forbidden(cfg)} forbids its download; "
+                        f"put torchvision's folder of {name} under {flag}")
+    try:
+        fetch()
+    except Exception as e:
+        raise UserError(f"could not download {name} into {flag} {cfg.data_root} ({e}); "
+                        f"copy torchvision's folder of {name} there instead") from None
+
+
 def unpickle(path: Path, *keys):
     """The given entries of one CIFAR-100 pickle."""
     try:
@@ -353,18 +335,11 @@ def unpickle(path: Path, *keys):
 
 def load_cifar100(cfg: Settings) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
-    folder = Path(cfg.data_root) / "cifar-100-python"
-    files = [folder / name for name in ("train", "test", "meta")]
+    files = [Path(cfg.data_root) / "cifar-100-python" / name for name in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        if download_forbidden(cfg):
-            raise UserError(f"CIFAR-100 is missing {missing[0]} and {download_forbidden(cfg)} forbids its download; "
-                            f"put torchvision's cifar-100-python folder under --data-root")
-        try:
-            torchvision.datasets.CIFAR100(cfg.data_root, download=True)
-        except Exception as e:
-            raise UserError(f"could not download CIFAR-100 into --data-root {cfg.data_root} ({e}); "
-                            f"copy torchvision's cifar-100-python folder there instead") from None
+        download(cfg, "CIFAR-100", missing[0], "--data-root",
+                 lambda: torchvision.datasets.CIFAR100(cfg.data_root, download=True))
     order = class_order(cfg, 100, CIFAR100_ORDER)
     where, splits = positions(order), []
     for f in files[:2]:
@@ -374,9 +349,51 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     return Benchmark(*splits, [names[i] for i in order], order)
 
 
-def image_folders(root: Path) -> list[str]:
+def load_food101(cfg: Settings) -> Benchmark:
+    """Food-101's test split (for zero-shot retention) in torchvision's layout: food-101/images/, food-101/meta/."""
+    meta = Path(cfg.data_root) / "food-101" / "meta"
+    if not (meta / "test.json").is_file():
+        download(cfg, "Food-101", meta / "test.json", "--zeroshot-root",
+                 lambda: torchvision.datasets.Food101(cfg.data_root, split="test", download=True))
+    classes = (meta / "classes.txt").read_text().split()
+    listed = json.loads((meta / "test.json").read_text())  # {class: ["class/id", ...]}
+    images = meta.parent / "images"
+    files = [(str(images / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
+    test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
+    no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
+    return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
+
+
+def synthetic_benchmark(cfg: Settings) -> Benchmark:
+    """A deterministic toy benchmark: each class is a coarse colour layout plus noise, with a made-up name."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n, size = cfg.syn_classes, cfg.syn_size
+    layouts = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
+
+    def sample(per_class):
+        labels = torch.arange(n).repeat_interleave(per_class)
+        x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
+        return Split(labels, (x.clamp(0, 1) * 255).round().to(torch.uint8))
+
+    syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]
+    names = set()
+    while len(names) < n:
+        names.add("".join(syllables[i] for i in torch.randint(len(syllables), (3,), generator=g)))
+    names = sorted(names)
+    order = class_order(cfg, n)
+    train, test = sample(cfg.syn_train), sample(cfg.syn_test)
+    where = positions(order)
+    for split in (train, test):
+        split.labels = where[split.labels]
+    return Benchmark(train, test, [names[i] for i in order], order)
+
+
+def class_folders(root: Path) -> list[str]:
     """The class folders (sorted names) directly under root."""
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def folder_split(folder: Path, classes: list[str]) -> Split:
@@ -412,29 +429,29 @@ def listed_classes(text: str) -> tuple[list[str], list[str]]:
     return [w for w, _ in pairs], [n for _, n in pairs]
 
 
-def folder_classes(cfg: Settings, root: Path, test_dir: Path) -> tuple[list[str], list[str], list[int]]:
+def folder_classes(cfg: Settings, train_dir: Path, test_dir: Path) -> tuple[list[str], list[str], list[int]]:
     """Class folders, class names and class order of an image-folder dataset."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # ImageNet-100: the first 100 ImageNet classes
     if cfg.dataset == "imagenet100":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # ImageNet-100: the first 100 ImageNet classes
         return IMAGENET100_WNIDS.split(), list(IMAGENET_CLASSNAMES[:100]), class_order(cfg, 100, IMAGENET100_ORDER)
     if cfg.dataset == "imagenet-r":
         wnids, names = listed_classes(IMAGENET_R_CLASSES)
         return wnids, names, class_order(cfg, 200, IMAGENET_R_ORDER)
-    wnids = image_folders(root / "train")
-    if wnids != image_folders(test_dir):
-        differ = sorted(set(wnids) ^ set(image_folders(test_dir)))
-        raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
+    wnids = class_folders(train_dir)
+    if wnids != class_folders(test_dir):
+        differ = sorted(set(wnids) ^ set(class_folders(test_dir)))
+        raise UserError(f"the classes in {train_dir} and {test_dir} differ ({', '.join(differ[:3])}...); "
                         f"both need the same class folders")
     if cfg.dataset == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
         if len(wnids) != 1000:
-            raise UserError(f"{root / 'train'} holds {len(wnids)} class folders, ImageNet-1K has 1000")
+            raise UserError(f"{train_dir} holds {len(wnids)} class folders, ImageNet-1K has 1000")
         return wnids, list(IMAGENET_CLASSNAMES), class_order(cfg, 1000, range(1000))
     names = [n.replace("_", " ") for n in wnids]
-    if (root / "classnames.txt").is_file():
-        names = [n.strip() for n in (root / "classnames.txt").read_text().splitlines() if n.strip()]
+    listed = train_dir.parent / "classnames.txt"
+    if listed.is_file():
+        names = [n.strip() for n in listed.read_text().splitlines() if n.strip()]
         if len(names) != len(wnids):
-            raise UserError(f"{root / 'classnames.txt'} has {len(names)} names for {len(wnids)} class folders; "
+            raise UserError(f"{listed} has {len(names)} names for {len(wnids)} class folders; "
                             f"give one name per line in sorted folder order")
     return wnids, names, class_order(cfg, len(wnids))
 
@@ -482,7 +499,7 @@ def load_image_folders(cfg: Settings) -> Benchmark:
         raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
     if not raw and not listed and test_dir is None:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
-    wnids, names, order = folder_classes(cfg, root, test_dir)
+    wnids, names, order = folder_classes(cfg, root / "train", test_dir)
     classes = [wnids[i] for i in order]
     if cfg.split_file:
         train, test = read_split_files(cfg.split_file, root, classes)
@@ -493,72 +510,19 @@ def load_image_folders(cfg: Settings) -> Benchmark:
     return Benchmark(train, test, [names[i] for i in order], order)
 
 
-def synthetic_benchmark(cfg: Settings) -> Benchmark:
-    """A deterministic toy benchmark: each class is a coarse colour layout plus noise, with a made-up name."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    n, size = cfg.syn_classes, cfg.syn_size
-    layouts = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
-
-    def sample(per_class):
-        labels = torch.arange(n).repeat_interleave(per_class)
-        x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
-        return Split(labels, (x.clamp(0, 1) * 255).round().to(torch.uint8))
-
-    syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]
-    names = set()
-    while len(names) < n:
-        names.add("".join(syllables[i] for i in torch.randint(len(syllables), (3,), generator=g)))
-    names = sorted(names)
-    order = class_order(cfg, n)
-    train, test = sample(cfg.syn_train), sample(cfg.syn_test)
-    where = positions(order)
-    for split in (train, test):
-        split.labels = where[split.labels]
-    return Benchmark(train, test, [names[i] for i in order], order)
-
-
-def load_food101(cfg: Settings) -> Benchmark:
-    """Food-101 (zero-shot retention) in torchvision's layout: food-101/images/, meta/{classes.txt,test.json}."""
-    folder = Path(cfg.data_root) / "food-101"
-    if not (folder / "meta" / "test.json").is_file():
-        if download_forbidden(cfg):
-            raise UserError(f"Food-101 is not in {folder} and {download_forbidden(cfg)} forbids its download; "
-                            f"put torchvision's food-101 folder under --zeroshot-root")
-        try:
-            torchvision.datasets.Food101(cfg.data_root, split="test", download=True)
-        except Exception as e:
-            raise UserError(f"could not download Food-101 into --zeroshot-root {cfg.data_root} ({e})") from None
-    classes = (folder / "meta" / "classes.txt").read_text().split()
-    listed = json.loads((folder / "meta" / "test.json").read_text())  # {class: ["class/id", ...]}
-    files = [(str(folder / "images" / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
-    test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
-    no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
-    return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
-
-
 def load_benchmark(cfg: Settings) -> Benchmark:
     """The benchmark named by --dataset (or food101, for zero-shot), labels already in class-order positions."""
-    if cfg.dataset == "cifar100":
-        return load_cifar100(cfg)
-    if cfg.dataset == "synthetic":
-        return synthetic_benchmark(cfg)
-    if cfg.dataset == "food101":
-        return load_food101(cfg)
-    return load_image_folders(cfg)
+    loaders = dict(cifar100=load_cifar100, synthetic=synthetic_benchmark, food101=load_food101)
+    return loaders.get(cfg.dataset, load_image_folders)(cfg)
 
 
 def load_zeroshot(cfg: Settings) -> Benchmark:
     """The --zeroshot-eval dataset (food101 or any --dataset), read from --zeroshot-root."""
-    if cfg.zeroshot_eval != "food101" and cfg.zeroshot_eval not in DATASET_DEFAULTS:
-        raise UserError(f"unknown --zeroshot-eval '{cfg.zeroshot_eval}'; choose food101 or one of "
-                        f"{', '.join(DATASET_DEFAULTS)}")
     return load_benchmark(dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None,
                                               data_root=cfg.zeroshot_root or cfg.data_root))
 
 
-# ----------------------------------------------------------------------------
-# Model: CLIP, and LoRA on the attention keys and values of both towers
-# ----------------------------------------------------------------------------
+# ----------------------------------------------- Model: CLIP, and LoRA on the attention keys and values of both towers
 # A CLIP small enough to train on a CPU in seconds, built from open_clip's own config classes.
 TINY_CLIP = dict(embed_dim=64,
                  vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
@@ -587,34 +551,35 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         model = open_clip.CLIP(**TINY_CLIP, init_logit_scale=math.log(100))
         tokenize = open_clip.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
     else:
-        if name not in open_clip.list_models():
-            raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
-        weights = None if pretrained == "none" else pretrained
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        is_tag = weights is not None and not os.path.isfile(weights)
-        if is_tag and weights not in tags:
-            raise UserError(f"--pretrained '{weights}' is neither a file nor an open_clip tag of {name} "
-                            f"({', '.join(tags)})")
-        # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
-        quick_gelu = bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu")) if is_tag else False
-        logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
-        try:
-            model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
-        except Exception as e:
-            reason = textwrap.shorten(str(e) or type(e).__name__, 160, placeholder=" ...")
-            cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-            raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are "
-                            f"looked for in the Hugging Face cache under HF_HOME ({cache}): put them there, pass "
-                            f"--pretrained PATH to a local file, or run where they download") from None
-        finally:
-            logging.disable(logging.NOTSET)
-        tokenize = open_clip.get_tokenizer(name)
+        model, tokenize = open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return Clip(model.to(device).eval(), tokenize, size,
                 torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def open_clip_model(name: str, pretrained: str) -> nn.Module:
+    """open_clip's `name` with weights by tag (from the Hugging Face cache or the hub), from a file, or 'none'."""
+    import open_clip
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
+    weights = None if pretrained == "none" else pretrained
+    is_tag = weights is not None and not os.path.isfile(weights)
+    # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
+    quick_gelu = is_tag and bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"))
+    logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
+    try:
+        return open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
+    except Exception as e:
+        reason = textwrap.shorten(str(e) or type(e).__name__, 160, placeholder=" ...")
+        cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are "
+                        f"looked for in the Hugging Face cache under HF_HOME ({cache}): put them there, pass "
+                        f"--pretrained PATH to a local file, or run where they download") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class LoRAKeyValue(nn.Module):
@@ -692,9 +657,7 @@ def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
     return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
 
 
-# ----------------------------------------------------------------------------
-# The modality gap
-# ----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- The modality gap
 def modality_gap(image_features, text_features, labels, logit_scale: float):
     """S+ (matching pairs), S- (non-matching pairs), both s * cos with s = exp(model.logit_scale) (100 for CLIP), and
     the centroid gap ||mean_i v_i - mean_c t_c|| (each class prompt counted once)."""
@@ -707,9 +670,7 @@ def modality_gap(image_features, text_features, labels, logit_scale: float):
     return pos.mean().item(), s_minus.item(), centroid.item()
 
 
-# ----------------------------------------------------------------------------
-# Training with gap preservation
-# ----------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------- Training with gap preservation
 def train_step(model: nn.Module, opt, x, y, task_tokens, scale, amp: torch.dtype | None = None) -> torch.Tensor:
     """One LoRA update on the restricted cross-entropy of s * cos(v, t_c) over the current task's classes."""
     with towers(x.device, amp):
@@ -783,9 +744,7 @@ def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: 
     return max_epochs, False  # it ran them all: the probe is the real training
 
 
-# ----------------------------------------------------------------------------
-# Gap compensation: the cosine visual classifier
-# ----------------------------------------------------------------------------
+# ---------------------------------------------------------------------- Gap compensation: the cosine visual classifier
 def train_visual_classifier(weights, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
                             seed: int) -> torch.Tensor:
     """Grow W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c) with
@@ -815,9 +774,7 @@ def fuse_scores(text_logits, visual_logits, weights=(1.0, 4.0)):
     return (weights[0] * p_text + weights[1] * p_vis) / (weights[0] + weights[1])
 
 
-# ----------------------------------------------------------------------------
-# Evaluation and continual-learning metrics
-# ----------------------------------------------------------------------------
+# --------------------------------------------------------------------------- Evaluation and continual-learning metrics
 @torch.no_grad()
 def predict(model, x, text_feats, w, scale, weights=(1.0, 4.0), amp=None) -> torch.Tensor:
     """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass."""
@@ -868,9 +825,11 @@ def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
     return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
 
 
-# ============================================================================
+
+
+# ======================================================================================================================
 # Above: the method. Below: the plumbing that runs it (loaders, one task, the run, checkpoints, logs, main).
-# ============================================================================
+# ======================================================================================================================
 class ShuffledBatches(torch.utils.data.Sampler):
     """Lists of indices, batch by batch; with a seed, pass p is the permutation drawn from seed * 1000 + p."""
 
@@ -913,23 +872,19 @@ class Batches:
 class Clock:
     """Seconds and images per phase (device-synchronised), for summary.json."""
 
-    def __init__(self, device):
+    def __init__(self, device: torch.device):
         self.device, self.seconds, self.images = device, defaultdict(float), defaultdict(int)
 
     @contextmanager
     def __call__(self, phase: str, images: int = 0):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else lambda: None
-        sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         yield
-        sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.seconds[phase] += time.perf_counter() - start
         self.images[phase] += images
-
-    def report(self):
-        """Seconds and images/s per phase."""
-        return {p: dict(seconds=round(s, 3), images_per_second=round(self.images[p] / s, 1) if s else None)
-                for p, s in self.seconds.items()}
 
 
 @dataclass
@@ -951,29 +906,28 @@ class Run:
         size = self.cfg.batch_size if seed is not None else self.cfg.eval_batch_size
         return Batches(split, classes, size, self.clip, self.cfg.workers, seed, desc, self.progress)
 
-    def gap(self, split: Split, classes: range, desc: str):
-        """Image features of the task's training images, S+ / S- / centroid gap against all seen classes' prompts,
-        and those text features."""
-        model, seen_tokens = self.clip.model, self.tokens[: classes.stop]
-        feats, labels = image_features(model, self.batches(split, classes, desc), self.amp)
-        text = text_features(model, seen_tokens, self.amp)
-        return feats, labels, text, modality_gap(feats, text, labels, self.clip.model.logit_scale.exp().item())
+    def gap(self, classes: range, desc: str):
+        """Features v_i of the task's training images and t_c of all seen classes' prompts, and (S+, S-, centroid)."""
+        model = self.clip.model
+        feats, labels = image_features(model, self.batches(self.data.train, classes, desc), self.amp)
+        text = text_features(model, self.tokens[: classes.stop], self.amp)
+        return feats, labels, text, modality_gap(feats, text, labels, model.logit_scale.exp().item())
 
 
 def learn_task(r: Run, t: int, epochs: int | None, classifier):
     """MG-CLIP on task t, as in the paper's algorithm: S+ / S- of the pre-trained CLIP, LoRA fine-tuning for E*
     epochs (searched first when epochs is None: gap preservation), features, S+ / S- after, the visual classifier
     (gap compensation), evaluation on all seen classes. Returns the task's metrics row and the classifier."""
-    cfg, model, data, classes = r.cfg, r.clip.model, r.data, r.tasks[t]
+    cfg, model, classes = r.cfg, r.clip.model, r.tasks[t]
     seen = range(0, classes.stop)
-    train = r.batches(data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
+    train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
     n_train = train.images
     log.info(f"task {t + 1}/{len(r.tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
     with r.clock("gap", n_train), pretrained_clip(r.lora, r.untouched):  # as the authors: before = pre-trained CLIP
-        before = r.gap(data.train, classes, "gap before")[3]
+        before = r.gap(classes, "gap before")[3]
     retrain = True
     if epochs is None:  # gap preservation on task 1: E* then serves every task
-        probe = r.batches(data.train, classes, "gap search")
+        probe = r.batches(r.data.train, classes, "gap search")
         with r.clock("search"):
             epochs, retrain = search_epochs(model, r.lora, train, probe, r.tokens, classes, cfg.lr, cfg.max_epochs,
                                             before[1], cfg.alpha, r.amp)
@@ -981,17 +935,17 @@ def learn_task(r: Run, t: int, epochs: int | None, classifier):
         log.info(f"  gap preservation: E* = {epochs} epochs per task")
         if retrain:
             set_lora(r.lora, r.untouched)
-            train = r.batches(data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
+            train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
     if retrain:
         with r.clock("train", n_train * epochs):
             finetune_lora(model, r.lora, train, r.tokens, classes, cfg.lr, epochs, r.amp)
     with r.clock("features", n_train):
-        feats, labels, text_seen, after = r.gap(data.train, classes, "features")
+        feats, labels, text_seen, after = r.gap(classes, "features")
     if cfg.compensation:
         with r.clock("classifier", n_train * cfg.vis_epochs):
             classifier = train_visual_classifier(classifier, feats, labels, classes, cfg.vis_lr, cfg.vis_batch_size,
                                                  cfg.vis_epochs, cfg.seed + t + 1)
-    test = r.batches(data.test, seen, "evaluate")
+    test = r.batches(r.data.test, seen, "evaluate")
     with r.clock("eval", test.images):
         correct, count = evaluate(model, test, text_seen, classifier, (cfg.text_weight, cfg.visual_weight), r.amp)
     fused = correct[0] if cfg.compensation else correct[1]  # without compensation, the text branch decides
@@ -1029,16 +983,6 @@ def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def start_device(cfg: Settings) -> tuple[torch.device, torch.dtype | None]:
-    """The run's device, seeded, and the towers' autocast dtype for --precision."""
-    device = pick_device(cfg.device)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # every device's generator
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return device, set_precision(device, cfg.precision)
-
-
 def settle_offline(cfg: Settings):
     """Treat the machine as offline (HF_HUB_OFFLINE=1, read when huggingface_hub is imported) on --no-download or
     when the hub does not answer within 3 s: weights then come from the cache or fail at once, never a retry loop."""
@@ -1052,9 +996,10 @@ def settle_offline(cfg: Settings):
     os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def set_up(cfg: Settings, out: Path) -> tuple[Run, Benchmark | None]:
-    """Device, data, CLIP with LoRA and the prompts of a run, and the zero-shot benchmark if any."""
-    device, amp = start_device(cfg)
+def set_up(cfg: Settings) -> tuple[Run, Benchmark | None]:
+    """Device (seeded), data, CLIP with LoRA and the prompts of a run, and the zero-shot benchmark if any."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # every device's generator
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
@@ -1066,8 +1011,8 @@ def set_up(cfg: Settings, out: Path) -> tuple[Run, Benchmark | None]:
         split.size = None if stored else clip.image_size  # files and other sizes: resized in the loader workers
     lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
-    progress = cfg.progress or sys.stderr.isatty()
-    r = Run(cfg, data, tasks, clip, lora, [p.detach().clone() for p in lora], tokens, Clock(device), amp, progress)
+    r = Run(cfg, data, tasks, clip, lora, [p.detach().clone() for p in lora], tokens, Clock(device),
+            set_precision(device, cfg.precision), cfg.progress or sys.stderr.isatty())
     log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes in {len(tasks)} tasks, "
              f"{cfg.model} ({cfg.pretrained}) on {device}, {sum(p.numel() for p in lora):,} LoRA parameters, "
              f"logit scale {clip.model.logit_scale.exp().item():.1f}")
@@ -1080,7 +1025,7 @@ def run(cfg: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, append=bool(cfg.resume))
     plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
-    r, zeroshot = set_up(cfg, out)
+    r, zeroshot = set_up(cfg)
     state = dict(rows=[], classifier=None, searched=False,
                  epochs=cfg.epochs if cfg.preservation else cfg.epochs or cfg.max_epochs)  # None: search on task 1
     if cfg.resume:
@@ -1112,13 +1057,12 @@ def run(cfg: Settings) -> dict:
 
 
 def summarize(r: Run, state: dict, zeroshot: Benchmark | None) -> dict:
-    """summary.json: the settings, Avg / Last / forgetting, the accuracy matrix, per-branch accuracies, the gap per
-    task, zero-shot retention, and seconds and images/s per phase."""
-    cfg, rows = r.cfg, state["rows"]
+    """summary.json: the settings and data, Avg / Last / forgetting, the accuracy matrix, per-branch accuracies, the
+    gap per task, zero-shot retention, and seconds and images/s per phase."""
+    cfg, rows, clock = r.cfg, state["rows"], r.clock
     summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(r.clip.mean.device),
                    classnames=r.data.classnames, class_order=r.data.order, train_images=len(r.data.train),
-                   test_images=len(r.data.test),
-                   epochs_star=state["epochs"], epochs_searched=state["searched"],
+                   test_images=len(r.data.test), epochs_star=state["epochs"], epochs_searched=state["searched"],
                    lora_parameters=sum(p.numel() for p in r.lora),
                    **continual_metrics([row["acc"] for row in rows], [row["acc_per_task"] for row in rows]),
                    acc=[row["acc"] for row in rows], acc_matrix=[row["acc_per_task"] for row in rows],
@@ -1127,14 +1071,16 @@ def summarize(r: Run, state: dict, zeroshot: Benchmark | None) -> dict:
     if zeroshot:
         tokens = r.clip.tokenize([cfg.prompt.format(name) for name in zeroshot.classnames])
         every = range(len(zeroshot.classnames))
-        with r.clock("zeroshot", 2 * len(zeroshot.test)):
+        with clock("zeroshot", 2 * len(zeroshot.test)):
             final = zeroshot_accuracy(r.clip.model, r.batches(zeroshot.test, every, "zero-shot"), tokens, r.amp)
             with pretrained_clip(r.lora, r.untouched):
                 first = zeroshot_accuracy(r.clip.model, r.batches(zeroshot.test, every, "zero-shot"), tokens, r.amp)
         summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=first, after=final,
                                    retained=final / first if first else None)
+    summary["phases"] = {p: dict(seconds=round(s, 3), images_per_second=round(clock.images[p] / s, 1) if s else None)
+                         for p, s in clock.seconds.items()}
     cuda = r.clip.mean.device.type == "cuda"
-    summary.update(phases=r.clock.report(), seconds_total=round(sum(r.clock.seconds.values()), 3),
+    summary.update(seconds_total=round(sum(clock.seconds.values()), 3),
                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None)
     return summary
 
@@ -1278,9 +1224,7 @@ def main(argv=None):
         stop(cfg, f"mgclip: interrupted{where}", 130)
 
 
-# ----------------------------------------------------------------------------
-# Class lists and orders, out of the reader's way
-# ----------------------------------------------------------------------------
+# --------------------------------------------------------------------- Class lists and orders, out of the reader's way
 # ImageNet-100 is the first 100 ImageNet-1K classes (names: open_clip's); ImageNet-R lists "wnid name" in index
 # order. The orders are those of the authors' setup: the class at position p of the order is ORDER[p].
 IMAGENET100_WNIDS = """

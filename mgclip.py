@@ -44,7 +44,7 @@ class UserError(ValueError):
     """A mistake in the command line or the data: reported as one line, never a traceback."""
 
 
-# ---------------------------------------------------------------------------------------------------- Settings
+# ------------------------------------------------------------------------------------------------------------- Settings
 def arg(default, group: str, help: str):
     """A settings field with its --help group and text."""
     return field(default=default, metadata=dict(group=group, help=help))
@@ -215,7 +215,7 @@ def variant(cfg: Settings) -> str:
     return "-".join("no-" + name for name in off) or "mgclip"
 
 
-# ------------------------------------------------------------------------------------- Data: tasks and benchmarks
+# ------------------------------------------------------------------------------------------- Data: tasks and benchmarks
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
     """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
     if initial_increment:
@@ -522,7 +522,7 @@ def load_zeroshot(cfg: Settings) -> Benchmark:
                                               data_root=cfg.zeroshot_root or cfg.data_root))
 
 
-# ----------------------------------------------- Model: CLIP, and LoRA on the attention keys and values of both towers
+# ------------------------------------------------ Model: CLIP, and LoRA on the attention keys and values of both towers
 # A CLIP small enough to train on a CPU in seconds, built from open_clip's own config classes.
 TINY_CLIP = dict(embed_dim=64,
                  vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
@@ -612,10 +612,10 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0) -> list[nn.Par
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def set_lora(lora: list[nn.Parameter], weights: list[torch.Tensor]):
+def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
     """Load LoRA weights in place (the untouched ones, B = 0, give back the pre-trained CLIP)."""
     with torch.no_grad():
-        for p, w in zip(lora, weights):
+        for p, w in zip(lora, values):
             p.copy_(w)
 
 
@@ -657,7 +657,7 @@ def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
     return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
 
 
-# ---------------------------------------------------------------------------------------------------- The modality gap
+# ----------------------------------------------------------------------------------------------------- The modality gap
 def modality_gap(image_features, text_features, labels, logit_scale: float):
     """S+ (matching pairs), S- (non-matching pairs), both s * cos with s = exp(model.logit_scale) (100 for CLIP), and
     the centroid gap ||mean_i v_i - mean_c t_c|| (each class prompt counted once)."""
@@ -670,7 +670,7 @@ def modality_gap(image_features, text_features, labels, logit_scale: float):
     return pos.mean().item(), s_minus.item(), centroid.item()
 
 
-# -------------------------------------------------------------------------------------- Training with gap preservation
+# --------------------------------------------------------------------------------------- Training with gap preservation
 def train_step(model: nn.Module, opt, x, y, task_tokens, scale, amp: torch.dtype | None = None) -> torch.Tensor:
     """One LoRA update on the restricted cross-entropy of s * cos(v, t_c) over the current task's classes."""
     with towers(x.device, amp):
@@ -744,11 +744,11 @@ def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: 
     return max_epochs, False  # it ran them all: the probe is the real training
 
 
-# ---------------------------------------------------------------------- Gap compensation: the cosine visual classifier
-def train_visual_classifier(weights, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
+# ----------------------------------------------------------------------- Gap compensation: the cosine visual classifier
+def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
                             seed: int) -> torch.Tensor:
-    """Grow W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c) with
-    cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr); old rows stay as they are."""
+    """Grow the classifier W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c)
+    with cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr); old rows stay as they are."""
     y = labels - classes.start
     sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
     new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
@@ -764,29 +764,29 @@ def train_visual_classifier(weights, feats, labels, classes: range, lr: float, b
             loss.backward()
             opt.step()
             schedule.step()
-    return new.detach() if weights is None else torch.cat([weights, new.detach()])
+    return new.detach() if classifier is None else torch.cat([classifier, new.detach()])
 
 
-def fuse_scores(text_logits, visual_logits, weights=(1.0, 4.0)):
+def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
     """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
     p_text = text_logits.float().softmax(-1).softmax(-1)  # double softmax, as in the authors' code
     p_vis = visual_logits.float().softmax(-1)
-    return (weights[0] * p_text + weights[1] * p_vis) / (weights[0] + weights[1])
+    return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
 
 
-# --------------------------------------------------------------------------- Evaluation and continual-learning metrics
+# ---------------------------------------------------------------------------- Evaluation and continual-learning metrics
 @torch.no_grad()
-def predict(model, x, text_feats, w, scale, weights=(1.0, 4.0), amp=None) -> torch.Tensor:
+def predict(model, x, text_feats, w, scale, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
     """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass."""
     with towers(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
     text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
-    fused = fuse_scores(text_logits, vis_logits, weights)
+    fused = fuse_scores(text_logits, vis_logits, fusion)
     return torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
 
 
 @torch.no_grad()
-def evaluate(model, batches, text_feats, classifier, weights=(1.0, 4.0), amp=None):
+def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
     """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
     counts (C,), over the seen classes C = len(text_feats); classifier None (no compensation): read row 1."""
     device = model.logit_scale.device
@@ -796,7 +796,7 @@ def evaluate(model, batches, text_feats, classifier, weights=(1.0, 4.0), amp=Non
     correct = torch.zeros(3, seen, device=device)
     count = torch.zeros(seen, device=device)
     for x, y in batches:
-        preds = predict(model, x, text_feats, w, scale, weights, amp)
+        preds = predict(model, x, text_feats, w, scale, fusion, amp)
         correct.index_add_(1, y, (preds == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
     return correct.cpu(), count.cpu()
@@ -1224,7 +1224,7 @@ def main(argv=None):
         stop(cfg, f"mgclip: interrupted{where}", 130)
 
 
-# --------------------------------------------------------------------- Class lists and orders, out of the reader's way
+# ---------------------------------------------------------------------- Class lists and orders, out of the reader's way
 # ImageNet-100 is the first 100 ImageNet-1K classes (names: open_clip's); ImageNet-R lists "wnid name" in index
 # order. The orders are those of the authors' setup: the class at position p of the order is ORDER[p].
 IMAGENET100_WNIDS = """

@@ -1,7 +1,7 @@
 """MG-CLIP: Mind the Gap -- preserving and compensating for the modality gap in CLIP-based class-incremental
 learning (ICCV 2025, arXiv 2507.09118), in one file read top to bottom in the order of the method:
 settings -> data -> model and LoRA -> gap measurement -> training with gap preservation -> gap compensation
--> evaluation -> one task and the run (plumbing: loaders, checkpoints, logs, main).
+-> evaluation -> one task; below a marker, the plumbing (loaders, the run, checkpoints, logs, main).
 
     python mgclip.py --dataset cifar100 --tasks 10      # the paper's CIFAR-100 B0 Inc10 (Avg 87.00 / Last 80.57)
     python mgclip.py --dataset synthetic --model tiny   # offline demo on a CPU in ~10 s (Avg 46.48 / Last 32.81)
@@ -56,27 +56,27 @@ METHOD, ABLATIONS, DATA, RUN = "method", "ablations", "data", "run and outputs" 
 @dataclass
 class Settings:
     """Every knob of a run; each field is a command-line flag (--tasks, --vis-lr, ...). None: per-dataset default."""
-    model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (random-init toy CLIP; synthetic's)")
-    pretrained: str | None = arg(None, METHOD, "open_clip weight tag (openai), a local checkpoint file, or 'none'")
+    model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
+    pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
     lora_rank: int = arg(8, METHOD, "LoRA rank r")
     lora_alpha: float = arg(1.0, METHOD, "LoRA alpha (delta W = alpha / r * B @ A)")
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
-    lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA (cifar100: 1e-3)")
-    batch_size: int | None = arg(None, METHOD, "training batch (cifar100: 128)")
+    lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA")
+    batch_size: int | None = arg(None, METHOD, "training batch")
     epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1)")
     alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha")
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1")
-    vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate (cifar100: 5e-4)")
-    vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch (cifar100: 64)")
-    vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task (cifar100: 3)")
+    vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate")
+    vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch")
+    vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task")
     precision: str = arg("fp32", METHOD, "fp32 (the authors'), tf32 (TF32 matmuls on CUDA) or bf16 (autocast)")
     text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch")
     visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier")
-    preservation: bool = arg(True, ABLATIONS, "without gap preservation: --max-epochs on every task, no search")
+    preservation: bool = arg(True, ABLATIONS, "without gap preservation: no search, --epochs or --max-epochs per task")
     compensation: bool = arg(True, ABLATIONS, "without gap compensation: the text branch alone predicts")
     dataset: str = arg("cifar100", DATA, "cifar100 | imagenet100 | imagenet-r | imagenet | folder | synthetic")
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
-    tasks: int | None = arg(None, DATA, "number of tasks T (cifar100: 10)")
+    tasks: int | None = arg(None, DATA, "number of tasks T")
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly")
     class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
     split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
@@ -86,7 +86,7 @@ class Settings:
     syn_train: int = arg(48, DATA, "synthetic: training images per class")
     syn_test: int = arg(16, DATA, "synthetic: test images per class")
     syn_size: int = arg(32, DATA, "synthetic: image side in pixels")
-    seed: int | None = arg(None, RUN, "random seed (cifar100: 42)")
+    seed: int | None = arg(None, RUN, "random seed")
     device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
     workers: int = arg(4, RUN, "data-loader processes that decode and resize images")
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation")
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag, nargs="+", metavar="FILE", help=text)
         else:
             default = "" if f.default is None else f" (default: {f.default})"
+            if f.name in DATASET_DEFAULTS["cifar100"]:
+                default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
             group.add_argument(flag, type=kind, metavar=f.name.upper(), help=text + default)
     return parser
 
@@ -152,17 +154,20 @@ def parse_settings(argv=None) -> Settings:
     """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
     given = vars(build_parser().parse_args(argv))  # only the flags on the command line
     out = given.get("resume")
+    fix = "drop it to continue that run, or start a new one with another --out and without --resume"
     if out is None:
         cfg = with_defaults(Settings(**given))
         if not (Path(cfg.out) / "checkpoint.pt").is_file():
             return cfg
         out, given = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
+        fix = f"continue that run with --resume {out} (its own settings), or give a new --out"
+    elif Path(given.get("out", out)) != Path(out):
+        raise UserError(f"--resume {out} continues the run in its own folder; drop --out {given['out']}")
     saved = load_checkpoint(out)["settings"]
     changed = [k for k in sorted(given.keys() - FREE_ON_RESUME) if k in saved and given[k] != saved[k]]
     if changed:
         key = changed[0]
-        raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the run in {out}; "
-                        f"continue that run with --resume {out} (its own settings), or give a new --out")
+        raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the run in {out}; {fix}")
     known = {f.name for f in dataclasses.fields(Settings)}
     cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out, "resume": out})
     check_settings(cfg)  # the flags a resumed run may change (--workers, --eval-batch-size, ...) are checked too
@@ -504,6 +509,9 @@ def load_image_folders(cfg: Settings) -> Benchmark:
     if cfg.split_file:
         train, test = read_split_files(cfg.split_file, root, classes)
     elif raw:
+        if not any((root / w).is_dir() for w in wnids):
+            raise UserError(f"{root} holds neither train/ and test/ nor ImageNet-R's class folders ({wnids[0]}/, ...); "
+                            f"point --data-root at the extracted imagenet-r folder")
         train, test = split_raw_imagenet_r(root, classes, cfg.seed)
     else:
         train, test = folder_split(root / "train", classes), folder_split(test_dir, classes)
@@ -567,6 +575,9 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
         raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
     weights = None if pretrained == "none" else pretrained
     is_tag = weights is not None and not os.path.isfile(weights)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if is_tag and weights not in tags:
+        raise UserError(f"--pretrained {weights} is neither a file nor an open_clip tag of {name} ({', '.join(tags)})")
     # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
     quick_gelu = is_tag and bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"))
     logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
@@ -685,8 +696,9 @@ def train_step(model: nn.Module, opt, x, y, task_tokens, scale, amp: torch.dtype
 
 
 def train_epoch(model: nn.Module, opt, batches, tokens, classes: range, amp: torch.dtype | None = None) -> float:
-    """One epoch of LoRA fine-tuning on a task's batches (labels: class positions in `classes`), with the restricted
-    cross-entropy: logits over the task's own classes only, so old classes' prompts are not pushed away. Mean loss."""
+    """One epoch of LoRA fine-tuning on a task's batches (labels: class-order positions, all within `classes`), with
+    the restricted cross-entropy: logits over the task's own classes only, so old classes' prompts are not pushed
+    away. Returns the mean loss."""
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -747,8 +759,9 @@ def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: 
 # ----------------------------------------------------------------------- Gap compensation: the cosine visual classifier
 def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
                             seed: int) -> torch.Tensor:
-    """Grow the classifier W (None at first) by the task's class means of v, then train the new rows on cos(v, w_c)
-    with cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr); old rows stay as they are."""
+    """Grow the classifier W (None at first, else one row per class before `classes`) by the task's class means of v,
+    then train the new rows on cos(v, w_c) with cross-entropy over the task's classes (Adam, cosine per step to 0.01
+    lr; no temperature, as the authors); old rows stay as they are."""
     y = labels - classes.start
     sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
     new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
@@ -777,7 +790,8 @@ def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
 # ---------------------------------------------------------------------------- Evaluation and continual-learning metrics
 @torch.no_grad()
 def predict(model, x, text_feats, w, scale, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
-    """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass."""
+    """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass; text_feats and
+    the classifier w are L2-normalised rows, one per seen class."""
     with towers(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
     text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
@@ -825,10 +839,55 @@ def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
     return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
 
 
+# -------------------------------------------------------------------------------------- One task: the paper's algorithm
+def learn_task(r: "Run", t: int, epochs: int | None, classifier):
+    """MG-CLIP on task t of run r (a Run, below), as the paper's algorithm: S+ / S- of the pre-trained CLIP, LoRA
+    fine-tuning for E* epochs (searched first when epochs is None: gap preservation), features, S+ / S- after, the
+    visual classifier (gap compensation), evaluation on all seen classes. Returns the task's metrics and classifier."""
+    cfg, model, classes = r.cfg, r.clip.model, r.tasks[t]
+    seen = range(0, classes.stop)
+    train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
+    n_train = train.images
+    log.info(f"task {t + 1}/{len(r.tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
+    with r.clock("gap", n_train), pretrained_clip(r.lora, r.untouched):  # as the authors: before = pre-trained CLIP
+        before = r.gap(classes, "gap before")[3]
+    retrain = True
+    if epochs is None:  # gap preservation on task 1: E* then serves every task
+        probe = r.batches(r.data.train, classes, "gap search")
+        with r.clock("search"):
+            epochs, retrain = search_epochs(model, r.lora, train, probe, r.tokens, classes, cfg.lr, cfg.max_epochs,
+                                            before[1], cfg.alpha, r.amp)
+        r.clock.images["search"] += train.served + probe.served
+        log.info(f"  gap preservation: E* = {epochs} epochs per task")
+        if retrain:
+            set_lora(r.lora, r.untouched)
+            train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
+    if retrain:
+        with r.clock("train", n_train * epochs):
+            finetune_lora(model, r.lora, train, r.tokens, classes, cfg.lr, epochs, r.amp)
+    with r.clock("features", n_train):
+        feats, labels, text_seen, after = r.gap(classes, "features")
+    if cfg.compensation:
+        with r.clock("classifier", n_train * cfg.vis_epochs):
+            classifier = train_visual_classifier(classifier, feats, labels, classes, cfg.vis_lr, cfg.vis_batch_size,
+                                                 cfg.vis_epochs, cfg.seed + t + 1)
+    test = r.batches(r.data.test, seen, "evaluate")
+    with r.clock("eval", test.images):
+        correct, count = evaluate(model, test, text_seen, classifier, (cfg.text_weight, cfg.visual_weight), r.amp)
+    fused = correct[0] if cfg.compensation else correct[1]  # without compensation, the text branch decides
+    row = dict(task=t + 1, classes=[classes.start, classes.stop], epochs=epochs, acc=accuracy(fused, count, seen),
+               acc_text=accuracy(correct[1], count, seen),
+               acc_visual=accuracy(correct[2], count, seen) if cfg.compensation else None,
+               acc_per_task=[accuracy(fused, count, r.tasks[j]) for j in range(t + 1)],
+               gap_before=dict(zip(("s_plus", "s_minus", "centroid"), before)),
+               gap_after=dict(zip(("s_plus", "s_minus", "centroid"), after)))
+    log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
+             f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f} (pre-trained CLIP->trained)")
+    return row, classifier
 
 
 # ======================================================================================================================
-# Above: the method. Below: the plumbing that runs it (loaders, one task, the run, checkpoints, logs, main).
+# Above: the method. Below: the plumbing that runs it (loaders, the run, checkpoints, logs, main).
 # ======================================================================================================================
 class ShuffledBatches(torch.utils.data.Sampler):
     """Lists of indices, batch by batch; with a seed, pass p is the permutation drawn from seed * 1000 + p."""
@@ -914,52 +973,6 @@ class Run:
         return feats, labels, text, modality_gap(feats, text, labels, model.logit_scale.exp().item())
 
 
-def learn_task(r: Run, t: int, epochs: int | None, classifier):
-    """MG-CLIP on task t, as in the paper's algorithm: S+ / S- of the pre-trained CLIP, LoRA fine-tuning for E*
-    epochs (searched first when epochs is None: gap preservation), features, S+ / S- after, the visual classifier
-    (gap compensation), evaluation on all seen classes. Returns the task's metrics row and the classifier."""
-    cfg, model, classes = r.cfg, r.clip.model, r.tasks[t]
-    seen = range(0, classes.stop)
-    train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
-    n_train = train.images
-    log.info(f"task {t + 1}/{len(r.tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
-    with r.clock("gap", n_train), pretrained_clip(r.lora, r.untouched):  # as the authors: before = pre-trained CLIP
-        before = r.gap(classes, "gap before")[3]
-    retrain = True
-    if epochs is None:  # gap preservation on task 1: E* then serves every task
-        probe = r.batches(r.data.train, classes, "gap search")
-        with r.clock("search"):
-            epochs, retrain = search_epochs(model, r.lora, train, probe, r.tokens, classes, cfg.lr, cfg.max_epochs,
-                                            before[1], cfg.alpha, r.amp)
-        r.clock.images["search"] += train.served + probe.served
-        log.info(f"  gap preservation: E* = {epochs} epochs per task")
-        if retrain:
-            set_lora(r.lora, r.untouched)
-            train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
-    if retrain:
-        with r.clock("train", n_train * epochs):
-            finetune_lora(model, r.lora, train, r.tokens, classes, cfg.lr, epochs, r.amp)
-    with r.clock("features", n_train):
-        feats, labels, text_seen, after = r.gap(classes, "features")
-    if cfg.compensation:
-        with r.clock("classifier", n_train * cfg.vis_epochs):
-            classifier = train_visual_classifier(classifier, feats, labels, classes, cfg.vis_lr, cfg.vis_batch_size,
-                                                 cfg.vis_epochs, cfg.seed + t + 1)
-    test = r.batches(r.data.test, seen, "evaluate")
-    with r.clock("eval", test.images):
-        correct, count = evaluate(model, test, text_seen, classifier, (cfg.text_weight, cfg.visual_weight), r.amp)
-    fused = correct[0] if cfg.compensation else correct[1]  # without compensation, the text branch decides
-    row = dict(task=t + 1, classes=[classes.start, classes.stop], epochs=epochs, acc=accuracy(fused, count, seen),
-               acc_text=accuracy(correct[1], count, seen),
-               acc_visual=accuracy(correct[2], count, seen) if cfg.compensation else None,
-               acc_per_task=[accuracy(fused, count, r.tasks[j]) for j in range(t + 1)],
-               gap_before=dict(zip(("s_plus", "s_minus", "centroid"), before)),
-               gap_after=dict(zip(("s_plus", "s_minus", "centroid"), after)))
-    log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
-             f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f} (pre-trained CLIP->trained)")
-    return row, classifier
-
-
 def pick_device(name: str) -> torch.device:
     """The fastest available device: cuda, then mps, then cpu (or the one named)."""
     if name == "auto":
@@ -976,7 +989,8 @@ def pick_device(name: str) -> torch.device:
 
 def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
     """The towers' numerics; returns their autocast dtype. fp32: PyTorch's defaults, as the authors ran; tf32: TF32
-    matmuls and convolutions on CUDA; bf16: autocast to bfloat16 (with TF32). LoRA, classifier, Adam stay fp32."""
+    matmuls and convolutions on CUDA; bf16: autocast to bfloat16 (with TF32). LoRA's weights, the visual classifier
+    and Adam's state stay fp32 (under bf16, LoRA's B @ A is rounded to bf16 like the weight it is added to)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
@@ -1026,8 +1040,9 @@ def run(cfg: Settings) -> dict:
     setup_logging(out, append=bool(cfg.resume))
     plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
     r, zeroshot = set_up(cfg)
-    state = dict(rows=[], classifier=None, searched=False,
-                 epochs=cfg.epochs if cfg.preservation else cfg.epochs or cfg.max_epochs)  # None: search on task 1
+    # E* for every task: --epochs if given, else searched on task 1 (None), or --max-epochs without preservation
+    epochs = cfg.epochs or (None if cfg.preservation else cfg.max_epochs)
+    state = dict(rows=[], classifier=None, searched=False, epochs=epochs)
     if cfg.resume:
         state = resume_state(r, out)
     else:
@@ -1116,7 +1131,7 @@ def load_checkpoint(out: str) -> dict:
     """The state saved after the last finished task of the run in OUT."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
-        raise UserError(f"--resume {out}: no checkpoint.pt there; give the output folder of an earlier run")
+        raise UserError(f"--resume {out}: no checkpoint.pt there; give the --out folder of an earlier run")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

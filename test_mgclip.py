@@ -284,7 +284,8 @@ def test_cifar100_missing_offline_names_data_root(tmp_path):
 def test_weights_unavailable_offline_names_pretrained(tmp_path):
     root = write_cifar100(tmp_path / "data")
     assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--out", str(tmp_path / "o")])
-    assert "--pretrained" in fail(["--dataset", "cifar100", "--data-root", str(root), "--pretrained", "nope"])
+    message = fail(["--dataset", "cifar100", "--data-root", str(root), "--pretrained", "nope"])
+    assert "--pretrained nope is neither a file nor an open_clip tag" in message and "laion2b_s34b_b88k" in message
 
 
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
@@ -588,6 +589,9 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
     assert "--tasks" in fail(["--resume", out, "--tasks", "2"])
     assert "--dataset" in fail(["--resume", out, "--dataset", "cifar100"])
     assert "--seed" in fail(["--resume", out, "--seed", "3"])
+    assert "drop it" in fail(["--resume", out, "--lr", "0.5"])  # --resume is already there: no advice to add it
+    assert "drop --out" in fail(["--resume", out, "--out", str(tmp_path / "elsewhere")])
+    assert not (tmp_path / "elsewhere").exists()
     assert "--eval-batch-size must be at least 1" in fail(["--resume", out, "--eval-batch-size", "0"])
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
     assert "unreadable" in fail(["--resume", out])
@@ -627,6 +631,11 @@ def test_speed_script_times_against_the_bare_tower(tmp_path):
     assert all(speed[k] > 0 for k in ("bare_train", "train", "bare_eval", "eval"))
     assert speed["train_cost_ratio"] == pytest.approx(speed["bare_train"] / speed["train"], rel=0.02)
     assert speed["precision"] == "fp32"
+    for flags, named in ((["--repeats", "0"], "--repeats: must be at least 1"), (["--model", "ViT-X-99"], "--model"),
+                         (["--out", str(tmp_path / "no" / "s.json")], "its folder does not exist")):
+        r = subprocess.run([sys.executable, str(HERE / "benchmarks" / "speed.py"), "--model", "tiny", *flags],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and named in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
@@ -746,6 +755,13 @@ def test_split_list_naming_a_missing_file_is_one_line(tmp_path):
     assert "--split-file" in fail(["--dataset", "imagenet-r", "--data-root", str(root), "--split-file",
                                    str(tmp_path / "nope.txt"), "--model", "tiny", "--out", str(tmp_path / "o")])
     assert "--split-file" in fail(["--dataset", "cifar100", "--split-file", str(tmp_path / "split.txt")])
+
+
+def test_imagenet_r_pointed_at_a_folder_without_it_says_where_to_point(tmp_path):
+    (tmp_path / "r" / "imagenet-r").mkdir(parents=True)  # the parent of the extracted folder
+    message = fail(["--dataset", "imagenet-r", "--data-root", str(tmp_path / "r"), "--model", "tiny", "--out",
+                    str(tmp_path / "o")])
+    assert "ImageNet-R's class folders" in message and "--data-root" in message
 
 
 def test_imagenet_r_tests_on_test_not_val(tmp_path):

@@ -32,16 +32,35 @@ def timed(fn, images: int, device: torch.device, repeats: int) -> float:
     return repeats * images / (time.perf_counter() - start)
 
 
+def positive(text: str) -> int:
+    """An integer of at least 1 (argparse type)."""
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Parse the flags; every mistake ends in one error line, exit code 2 (argparse) or 1 (mgclip's checks)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name or 'tiny' (random init either way)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="evaluation batch")
+    p.add_argument("--batch-size", type=positive, default=128, help="training batch")
+    p.add_argument("--eval-batch-size", type=positive, default=256, help="evaluation batch")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="as mgclip.py --precision")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    p.add_argument("--repeats", type=positive, default=5, help="timed calls per measurement")
     p.add_argument("--out", help="also write the JSON to this file")
     args = p.parse_args(argv)
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        p.error(f"--out {args.out}: its folder does not exist")
+    try:
+        return measure(args)
+    except M.UserError as e:
+        p.exit(1, f"speed.py: error: {e}\n")
+
+
+def measure(args) -> dict:
+    """Images/s of the bare tower and of MG-CLIP's training step and evaluation batch; printed as JSON."""
     device = M.pick_device(args.device)
     amp = M.set_precision(device, args.precision)
     clip = M.load_clip(args.model, "none", device)

@@ -163,8 +163,8 @@ def parse_settings(argv=None) -> Settings:
         fix = f"continue that run with --resume {out} (its own settings), or give a new --out"
     elif Path(given.get("out", out)) != Path(out):
         raise UserError(f"--resume {out} continues the run in its own folder; drop --out {given['out']}")
-    saved = load_checkpoint(out)["settings"]
-    changed = [k for k in sorted(given.keys() - FREE_ON_RESUME) if k in saved and given[k] != saved[k]]
+    saved = {**dataclasses.asdict(Settings()), **load_checkpoint(out)["settings"]}  # older runs: today's defaults
+    changed = [k for k in sorted(given.keys() - FREE_ON_RESUME) if given[k] != saved[k]]
     if changed:
         key = changed[0]
         raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the run in {out}; {fix}")
@@ -1014,6 +1014,8 @@ def set_up(cfg: Settings) -> tuple[Run, Benchmark | None]:
     """Device (seeded), data, CLIP with LoRA and the prompts of a run, and the zero-shot benchmark if any."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # every device's generator
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # summary.json's peak is this run's
     data = load_benchmark(cfg)
     tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None

@@ -592,6 +592,10 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
     assert "drop it" in fail(["--resume", out, "--lr", "0.5"])  # --resume is already there: no advice to add it
     assert "drop --out" in fail(["--resume", out, "--out", str(tmp_path / "elsewhere")])
     assert not (tmp_path / "elsewhere").exists()
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del state["settings"]["precision"]  # a run from before --precision existed ran in fp32, today's default
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    assert "--precision bf16 differs from fp32" in fail(["--resume", out, "--precision", "bf16"])
     assert "--eval-batch-size must be at least 1" in fail(["--resume", out, "--eval-batch-size", "0"])
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"truncated")
     assert "unreadable" in fail(["--resume", out])

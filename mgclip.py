@@ -318,8 +318,9 @@ def download_forbidden(cfg: Settings) -> str | None:
 
 def download(cfg: Settings, name: str, missing: Path, flag: str, fetch):
     """Run torchvision's download of a dataset that lacks `missing`, unless the user forbade downloads."""
-    if download_forbidden(cfg):
-        raise UserError(f"{name} is missing {missing} and {download_forbidden(cfg)} forbids its download; "
+    forbidden = download_forbidden(cfg)
+    if forbidden:
+        raise UserError(f"{name} is missing {missing} and {forbidden} forbids its download; "
                         f"put torchvision's folder of {name} under {flag}")
     try:
         fetch()

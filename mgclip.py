@@ -1,28 +1,48 @@
-"""MG-CLIP: Mind the Gap -- preserving and compensating for the modality gap in CLIP-based class-incremental
-learning (ICCV 2025, arXiv 2507.09118), in one file read top to bottom in the order of the method:
-settings -> data -> model and LoRA -> gap measurement -> training with gap preservation -> gap compensation
--> evaluation -> one task; below a marker, the plumbing (loaders, the run, checkpoints, logs, main).
+"""MG-CLIP in one file: "Mind the Gap: Preserving and Compensating for the Modality Gap in CLIP-Based Continual
+Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task, without replay:
 
-    python mgclip.py --dataset cifar100 --tasks 10      # the paper's CIFAR-100 B0 Inc10 (Avg 87.00 / Last 80.57)
-    python mgclip.py --dataset synthetic --model tiny   # offline demo on a CPU in ~10 s (Avg 46.48 / Last 32.81)
+    add LoRA (B = 0) to W_k, W_v of every attention block of both towers; freeze the rest     add_lora
+    for task t = 1..T, with only task t's training images:                                    learn_tasks
+        S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts      measure_gap
+        t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch    search_epochs
+            e where S- drifts by more than alpha = 10% from the pre-trained S-(0),
+            E* = max(e - 1, 1), for every task; task 1 restarts from the untouched LoRA
+        fine-tune LoRA for E* epochs: cross-entropy of s cos(v, t_c) over task t's classes    finetune_lora
+        S+ / S- after; image features v of task t's training images                          measure_gap
+        gap compensation: cosine-classifier rows for task t's classes start at their class  train_visual_classifier
+            means of v and train on v; the rows of earlier tasks stay as they are
+        predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  predict, evaluate
+    Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting          continual_metrics
 
-Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the CPU in fp32 (LoRA gradients,
-S+ / S-, the probe's E*, the classifier's weights and every prediction agree to ~1e-5); the synthetic numbers
-above are checked by the tests. Timings: README.md, Performance, and benchmarks/speed.py.
+Labels are class-order positions throughout: the classes stand in a fixed order, task t holds positions
+range(first, last + 1), and the prompt of the class at position c is tokens[c].
+
+    python mgclip.py --dataset cifar100 --tasks 10     # the paper's CIFAR-100 B0 Inc10: Avg 87.00 / Last 80.57
+    python mgclip.py --dataset synthetic --model tiny  # offline demo on a CPU, ~10 s: Avg 46.48 / Last 32.81
+
+Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the CPU in fp32: LoRA gradients, S+ / S-,
+the search's E*, the classifier's weights and every prediction agree to ~1e-5; the tests pin the synthetic numbers.
+Reading order: the method (one marked block that uses nothing else from this file: copy it with the imports), the
+data, the settings and command line, running it (loaders, checkpoints, logs, main), the class lists. Timings:
+README.md, Performance.
 """
 import argparse
+import collections.abc
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import math
 import os
 import pickle
-import socket
+import platform
+import subprocess
 import sys
 import textwrap
 import time
 import typing
-import urllib.parse
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,190 +57,379 @@ import torchvision.transforms.v2.functional as TF
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-log = logging.getLogger("mgclip")
+
+# ==================================================================================================== BEGIN METHOD
+# LoRA: a low-rank update of the key and value projections, the only weights that train.
+class LoRAKeyValue(nn.Module):
+    """Adds (alpha / r) * B @ A to the key and value rows of a packed q/k/v projection weight."""
+
+    def __init__(self, dim: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(2, rank, dim))  # [key, value]
+        self.B = nn.Parameter(torch.zeros(2, dim, rank))  # zero: the model is unchanged at start
+        for a in self.A:  # the authors' attention LoRA draws A with xavier_uniform_ (their Linear LoRA: kaiming)
+            nn.init.xavier_uniform_(a)
+        self.scale = alpha / rank
+
+    def forward(self, qkv_weight):
+        """W_qkv -> [W_q; W_k + s B_k A_k; W_v + s B_v A_v]."""
+        dim = qkv_weight.shape[1]
+        delta = (self.B @ self.A).reshape(2 * dim, dim) * self.scale
+        return torch.cat([qkv_weight[:dim], qkv_weight[dim:] + delta.to(qkv_weight.dtype)])
 
 
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0) -> list[nn.Parameter]:
+    """Freeze an open_clip CLIP and put LoRA on W_k and W_v of every self-attention block of both towers (the image
+    tower is model.visual); returns LoRA's weights. Refuses a second LoRA and a tower without such blocks."""
+    if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
+        raise ValueError("this model already has LoRA: call add_lora once per model")
+    blocks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
+    for tower, is_image in (("image", True), ("text", False)):
+        if not any(name.startswith("visual.") == is_image for name, _ in blocks):
+            raise ValueError(f"the {tower} tower has no packed nn.MultiheadAttention for LoRA on its keys and "
+                             f"values; use a ViT CLIP (e.g. ViT-B-16)")
+    model.requires_grad_(False)
+    for _, attn in blocks:
+        w = attn.in_proj_weight
+        parametrize.register_parametrization(attn, "in_proj_weight", LoRAKeyValue(w.shape[1], rank, alpha).to(w.device))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
+    """Load LoRA weights in place (the initial ones, B = 0, give back the pre-trained CLIP)."""
+    with torch.no_grad():
+        for p, w in zip(lora, values):
+            p.copy_(w)
+
+
+@contextmanager
+def pretrained_clip(lora: list[nn.Parameter], initial: list[torch.Tensor]):
+    """Within this block the model is the pre-trained CLIP; the trained LoRA weights come back after."""
+    trained = [p.detach().clone() for p in lora]
+    set_lora(lora, initial)
+    try:
+        yield
+    finally:
+        set_lora(lora, trained)
+
+
+@contextmanager
+def forward_context(device: torch.device, amp: torch.dtype | None):
+    """Where CLIP's towers run: LoRA merged into W once per forward, autocast to `amp` unless it is None (fp32)."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None), parametrize.cached():
+        yield
+
+
+def reiterable(batches):
+    """Refuse a one-shot iterator: after one epoch a generator is empty, and later epochs would train on nothing."""
+    if isinstance(batches, collections.abc.Iterator):
+        raise TypeError("batches must be re-iterable (a list, a DataLoader), not an iterator or a generator")
+
+
+# Features and the modality gap. "batches": re-iterable (images ready for the model, labels) on the model's device.
+@torch.no_grad()
+def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
+    """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
+    device = model.logit_scale.device
+    with forward_context(device, amp):
+        out = [model.encode_text(t.to(device)) for t in tokens.split(500)]
+    return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
+    """L2-normalised image features v_i and their labels, from one pass over the batches."""
+    feats, labels = [], []
+    for x, y in batches:
+        with forward_context(x.device, amp):
+            feats.append(model.encode_image(x))
+        labels.append(y)
+    return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
+
+
+class Gap(typing.NamedTuple):
+    """The modality gap of some images and prompts: S+, S- and the distance of the two centroids."""
+    s_plus: float
+    s_minus: float
+    centroid: float
+
+
+def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
+    """S+ (matching pairs) and S- (non-matching pairs), both s * cos with s = model.logit_scale.exp() (100 for CLIP;
+    not the parameter itself, its log), and the centroid gap ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
+    if isinstance(scale, nn.Parameter):
+        raise TypeError("scale is s = model.logit_scale.exp(), not model.logit_scale (which holds log s)")
+    v = F.normalize(image_feats.float(), dim=-1)
+    t = F.normalize(text_feats.float(), dim=-1)
+    pos = scale * (v * t[labels]).sum(-1)
+    every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
+    s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
+    centroid = (v.mean(0) - t.mean(0)).norm()
+    return Gap(pos.mean().item(), s_minus.item(), centroid.item())
+
+
+def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
+    """The Gap between the batches' images and the prompts of the classes seen so far."""
+    feats, labels = image_features(model, batches, amp)
+    return modality_gap(feats, text_features(model, seen_tokens, amp), labels, model.logit_scale.exp().item())
+
+
+# Fine-tuning LoRA, and gap preservation: how many epochs.
+LABELS = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
+
+
+def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
+    """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
+    over `epochs` to 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
+    reiterable(batches)
+    device = model.logit_scale.device
+    scale = model.logit_scale.exp().detach()
+    task_tokens = tokens[classes.start: classes.stop].to(device)
+    opt = torch.optim.Adam(lora, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.01 * lr)
+    for epoch in range(1, epochs + 1):
+        if hasattr(batches, "set_epoch"):  # as DistributedSampler: epoch e shuffles alike in a probe and a retrain
+            batches.set_epoch(epoch)
+        loss_sum, first_bad, wrong, step = torch.zeros((), device=device), torch.full((), -1, device=device), 0, 0
+        for step, (x, y) in enumerate(batches, 1):
+            y = y - classes.start
+            wrong = wrong + ((y < 0) | (y >= len(classes))).sum()  # kept on the device: no host sync per step
+            with forward_context(device, amp):
+                v = model.encode_image(x)
+                t = model.encode_text(task_tokens)
+            # the cross-entropy over the task's own classes only: earlier classes' prompts are not pushed away
+            logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
+            loss = F.cross_entropy(logits, y.clamp(0, len(classes) - 1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if int(wrong):
+            raise ValueError(f"{int(wrong)} training labels fall outside classes {classes}: {LABELS}")
+        if first_bad.item() >= 0:
+            raise FloatingPointError(f"epoch {epoch}, step {first_bad.item()}")
+        yield epoch, loss_sum.item() / max(step, 1), schedule.get_last_lr()[0]
+        schedule.step()
+
+
+# S- and not S+: S+ rises with any successful fine-tuning, while S- tracks how far the pre-trained image-text
+# geometry (the zero-shot knowledge) has moved. Only task 1 is searched: E* then serves every task, since later
+# tasks start from an already fine-tuned model whose S- has no pre-trained value of its own to preserve.
+def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
+                  s_minus_0: float, alpha: float, amp=None, report=print):
+    """Gap preservation: fine-tune (cosine over max_epochs) until the first epoch e where |S-(e) - S-(0)| / |S-(0)| >
+    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether to retrain, the trace per epoch."""
+    if s_minus_0 == 0:
+        raise ValueError("S-(0) is 0, so its relative drift is undefined; measure it on the pre-trained CLIP")
+    reiterable(feature_batches)
+    trace = []
+    for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
+        gap = measure_gap(model, feature_batches, tokens[: classes.stop], amp)
+        drift = abs(gap.s_minus - s_minus_0) / abs(s_minus_0)
+        trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap.s_plus, s_minus=gap.s_minus, drift=drift))
+        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap.s_minus:.3f}  "
+               f"relative drift {drift:.3f} (alpha {alpha})")
+        if drift > alpha:  # the probe's cosine ran over max_epochs: the real E* epochs must start again (reset LoRA)
+            return max(epoch - 1, 1), True, trace
+    return max_epochs, False, trace  # it ran them all: the probe is the real training
+
+
+# Gap compensation: a cosine classifier on the image features, fused with the text classifier.
+def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
+                            seed: int) -> torch.Tensor:
+    """Grow the classifier W (None at first, else one row per class before `classes`) by the task's rows and train
+    them on cos(v, w_c) with cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr, no temperature,
+    as the authors). New rows start at the class means of v: the image-side prototypes that the text prompts, on the
+    far side of the modality gap, are not. Old rows stay as they are. Returns unnormalised rows."""
+    y = labels - classes.start
+    if len(y) == 0 or y.min() < 0 or y.max() >= len(classes):
+        raise ValueError(f"the visual classifier's {LABELS}")
+    sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
+    new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
+    opt = torch.optim.Adam([new], lr=lr)
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.01 * lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=g).to(feats.device).split(batch_size):
+            logits = F.normalize(feats[idx], dim=-1) @ F.normalize(new, dim=-1).T
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return new.detach() if classifier is None else torch.cat([classifier, new.detach()])
+
+
+def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
+    """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
+    p_text = text_logits.float().softmax(-1).softmax(-1)  # double softmax, as in the authors' code
+    p_vis = visual_logits.float().softmax(-1)
+    return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
+
+
+# Evaluation on all seen classes, and the continual-learning metrics.
+@torch.no_grad()
+def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
+    """Fused, text-only and visual-only predictions (3, B) of one batch from one image-tower pass: text_feats from
+    text_features, the classifier's rows (normalised here; None: the text features serve) one per seen class."""
+    with forward_context(x.device, amp):
+        v = F.normalize(model.encode_image(x).float(), dim=-1)
+    w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
+    scale = model.logit_scale.exp().float()
+    text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
+    fused = fuse_scores(text_logits, vis_logits, fusion)
+    return torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
+
+
+@torch.no_grad()
+def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
+    """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
+    counts (C,), over the seen classes C = len(text_feats)."""
+    device = model.logit_scale.device
+    seen = len(text_feats)
+    if classifier is not None and len(classifier) != seen:
+        raise ValueError(f"the classifier has {len(classifier)} rows for {seen} seen classes; it needs one per class")
+    correct = torch.zeros(3, seen, device=device)
+    count = torch.zeros(seen, device=device)
+    wrong = 0
+    for x, y in batches:
+        wrong = wrong + ((y < 0) | (y >= seen)).sum()  # counted on the device: no host sync per batch
+        y = y.clamp(0, seen - 1)
+        preds = predict(model, x, text_feats, classifier, fusion, amp)
+        correct.index_add_(1, y, (preds == y).float())
+        count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
+    if int(wrong):
+        raise ValueError(f"{int(wrong)} test labels are not seen classes 0..{seen - 1}: {LABELS}")
+    return correct.cpu(), count.cpu()
+
+
+def accuracy(correct, count, classes: range) -> float:
+    """Top-1 accuracy (%) over the test images of the given classes, from one row of evaluate's counts."""
+    if correct.dim() != 1:
+        raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
+    part = slice(classes.start, classes.stop)
+    return 100.0 * correct[part].sum().item() / max(count[part].sum().item(), 1)
+
+
+def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
+    """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
+    correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
+    return accuracy(correct[1], count, range(len(tokens)))
+
+
+def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
+    """Avg (mean of acc_t), Last (acc_T), forgetting and backward transfer from a[t][j] (j <= t)."""
+    T = len(acc)
+    old = range(T - 1)
+    if T == 1:
+        return dict(avg=acc[0], last=acc[0], forgetting=None, bwt=None)
+    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in old) / (T - 1)
+    bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in old) / (T - 1)
+    return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
+
+
+# The algorithm: one task as the paper's box, and the loop over the tasks that carries E* and the classifier.
+@dataclass
+class Hyper:
+    """MG-CLIP's hyperparameters (the authors' CIFAR-100 values)."""
+    lr: float = 1e-3  # Adam on LoRA
+    epochs: int | None = None  # E*; None: found by gap preservation on task 1
+    max_epochs: int = 10  # the search's longest probe; without preservation, every task's epochs
+    alpha: float = 0.1  # gap preservation's tolerance on the relative drift of S-
+    vis_lr: float = 5e-4  # the visual classifier's Adam
+    vis_batch_size: int = 64
+    vis_epochs: int = 3
+    text_weight: float = 1.0  # fusion
+    visual_weight: float = 4.0
+    preservation: bool = True  # the ablations: without gap preservation, without gap compensation
+    compensation: bool = True
+    seed: int = 0  # task t's classifier shuffles with seed + t
+
+
+@dataclass
+class Task:
+    """One task: its classes (positions) and re-iterable batches of its training images (train: one pass per epoch,
+    reshuffled by set_epoch(e) when it has one; features: any order) and of all seen classes' test images."""
+    classes: range
+    train: typing.Iterable
+    features: typing.Iterable
+    test: typing.Iterable
+
+
+def learn_task(model, lora, initial, tokens, tasks: list[Task], t: int, epochs: int | None, classifier, hp: Hyper,
+               amp=None, report=print):
+    """Task t (from 0) of MG-CLIP, as the paper's algorithm box. epochs: E*, or None to find it (task 1). Returns the
+    task's metrics, the classifier grown by the task's classes and E*."""
+    classes = tasks[t].classes
+    train, features = tasks[t].train, tasks[t].features
+    seen_tokens = tokens[: classes.stop]
+    report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
+    reiterable(features)
+    with pretrained_clip(lora, initial):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
+        before = measure_gap(model, features, seen_tokens, amp)
+    row = dict(task=t + 1, classes=[classes.start, classes.stop])
+    retrain = True
+    if epochs is None:
+        epochs, retrain, row["search"] = search_epochs(model, lora, train, features, tokens, classes, hp.lr,
+                                                       hp.max_epochs, before.s_minus, hp.alpha, amp, report)
+        report(f"  gap preservation: E* = {epochs} epochs per task")
+        if retrain:
+            set_lora(lora, initial)
+    if retrain:
+        for epoch, loss, epoch_lr in finetune(model, lora, train, tokens, classes, hp.lr, epochs, amp):
+            report(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
+    feats, labels = image_features(model, features, amp)  # one pass serves S+ / S- and the classifier
+    text_seen = text_features(model, seen_tokens, amp)
+    after = modality_gap(feats, text_seen, labels, model.logit_scale.exp().item())
+    if hp.compensation:
+        classifier = train_visual_classifier(classifier, feats, labels, classes, hp.vis_lr, hp.vis_batch_size,
+                                             hp.vis_epochs, hp.seed + t + 1)
+    fusion = (hp.text_weight, hp.visual_weight)
+    correct, count = evaluate(model, tasks[t].test, text_seen, classifier, fusion, amp)
+    fused = correct[0] if hp.compensation else correct[1]  # without compensation, the text branch decides
+    seen = range(0, classes.stop)
+    row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
+               acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
+               acc_per_task=[accuracy(fused, count, tasks[j].classes) for j in range(t + 1)],
+               gap_before=before._asdict(), gap_after=after._asdict())
+    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
+           f"S+ {before.s_plus:.2f}->{after.s_plus:.2f}  S- {before.s_minus:.2f}->{after.s_minus:.2f} "
+           f"(pre-trained CLIP->trained)")
+    return row, classifier, epochs
+
+
+def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
+    """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task: the metrics rows,
+    E* (found on task 1, then kept), the visual classifier and LoRA (on the CPU); a yielded state given back as
+    `state` continues after its last task."""
+    initial = [p.detach().clone() for p in lora]  # B = 0: the pre-trained CLIP, for S-(0) and the reset
+    if state is None:
+        epochs = hp.epochs  # None until the search on task 1 sets it
+        if epochs is None and not hp.preservation:
+            epochs = hp.max_epochs
+        state = dict(rows=[], epochs=epochs, classifier=None, lora=None)
+    if state["lora"] is not None:
+        set_lora(lora, state["lora"])
+    classifier = state["classifier"]
+    if classifier is not None:
+        classifier = classifier.to(model.logit_scale.device)
+    for t in range(len(state["rows"]), len(tasks)):
+        row, classifier, epochs = learn_task(model, lora, initial, tokens, tasks, t, state["epochs"], classifier, hp,
+                                             amp, report)
+        state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
+                     classifier=None if classifier is None else classifier.to("cpu", copy=True))
+        yield state
+# ====================================================================================================== END METHOD
+
+
+# ================================================================================ Data: tasks, splits and benchmarks
 class UserError(ValueError):
     """A mistake in the command line or the data: reported as one line, never a traceback."""
 
 
-# ------------------------------------------------------------------------------------------------------------- Settings
-def arg(default, group: str, help: str):
-    """A settings field with its --help group and text."""
-    return field(default=default, metadata=dict(group=group, help=help))
-
-
-METHOD, ABLATIONS, DATA, RUN = "method", "ablations", "data", "run and outputs"  # the groups of --help
-
-
-@dataclass
-class Settings:
-    """Every knob of a run; each field is a command-line flag (--tasks, --vis-lr, ...). None: per-dataset default."""
-    model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
-    pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
-    lora_rank: int = arg(8, METHOD, "LoRA rank r")
-    lora_alpha: float = arg(1.0, METHOD, "LoRA alpha (delta W = alpha / r * B @ A)")
-    prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
-    lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA")
-    batch_size: int | None = arg(None, METHOD, "training batch")
-    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1)")
-    alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha")
-    max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1")
-    vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate")
-    vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch")
-    vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task")
-    precision: str = arg("fp32", METHOD, "fp32 (the authors'), tf32 (TF32 matmuls on CUDA) or bf16 (autocast)")
-    text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch")
-    visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier")
-    preservation: bool = arg(True, ABLATIONS, "without gap preservation: no search, --epochs or --max-epochs per task")
-    compensation: bool = arg(True, ABLATIONS, "without gap compensation: the text branch alone predicts")
-    dataset: str = arg("cifar100", DATA, "cifar100 | imagenet100 | imagenet-r | imagenet | folder | synthetic")
-    data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
-    tasks: int | None = arg(None, DATA, "number of tasks T")
-    initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly")
-    class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
-    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
-                                                   "train_100.txt val_100.txt); entries relative to --data-root")
-    download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
-    syn_classes: int = arg(20, DATA, "synthetic: number of classes")
-    syn_train: int = arg(48, DATA, "synthetic: training images per class")
-    syn_test: int = arg(16, DATA, "synthetic: test images per class")
-    syn_size: int = arg(32, DATA, "synthetic: image side in pixels")
-    seed: int | None = arg(None, RUN, "random seed")
-    device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
-    workers: int = arg(4, RUN, "data-loader processes that decode and resize images")
-    eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation")
-    out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-T<tasks>-seed<seed>[-variant])")
-    resume: str | None = arg(None, RUN, "continue the run in this output folder after its last finished task")
-    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset before and after (food101, ...)")
-    zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
-    plot: bool = arg(False, RUN, "draw OUT/mgclip.png: accuracy and S+ / S- per task (needs matplotlib)")
-    progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
-
-
-# The authors' per-dataset settings (imagenet: their imagenet1000_100-100.yaml); flags override them.
-DATASET_DEFAULTS = {
-    name: dict(zip(("tasks", "lr", "batch_size", "vis_lr", "vis_batch_size", "vis_epochs", "seed", "model"), row))
-    for name, row in {
-        "cifar100":    (10, 1e-3, 128, 5e-4, 64, 3, 42, "ViT-B-16"),
-        "imagenet100": (10, 5e-4, 128, 1e-3, 128, 3, 0, "ViT-B-16"),
-        "imagenet-r":  (10, 1e-3, 64, 5e-4, 32, 3, 0, "ViT-B-16"),
-        "imagenet":    (10, 5e-4, 80, 5e-4, 64, 2, 0, "ViT-B-16"),
-        "folder":      (10, 1e-3, 128, 5e-4, 64, 3, 0, "ViT-B-16"),
-        "synthetic":   (4, 1e-2, 16, 2e-3, 16, 3, 0, "tiny"),
-    }.items()
-}
-# The smallest allowed value of each numeric setting (None: not set); lr, vis_lr, alpha, lora_alpha must be > 0.
-AT_LEAST = dict(tasks=1, initial_increment=0, epochs=1, max_epochs=1, batch_size=1, vis_batch_size=1, vis_epochs=0,
-                lora_rank=1, text_weight=0, visual_weight=0, syn_classes=2, syn_train=1, syn_test=1, syn_size=8,
-                seed=0, workers=0, eval_batch_size=1)
-PRECISIONS = ("fp32", "tf32", "bf16")
-FOLDER_DATASETS = ("imagenet100", "imagenet-r", "imagenet", "folder")
-# What a resumed run may change; every other setting changes the numbers and must stay.
-FREE_ON_RESUME = {"data_root", "download", "device", "workers", "eval_batch_size", "out", "resume", "zeroshot_root",
-                  "plot", "progress"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown flag, a word for a number) are one line, like every other error."""
-
-    def error(self, message):
-        raise UserError(f"{message}; see --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
-    parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
-    groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
-    for f in dataclasses.fields(Settings):
-        group, text = groups[f.metadata["group"]], f.metadata["help"]
-        flag = "--" + f.name.replace("_", "-")
-        kind = next(a for a in typing.get_args(f.type) or [f.type] if a is not type(None))
-        if f.default is True:
-            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=text)
-        elif f.default is False:
-            group.add_argument(flag, action="store_true", help=text)
-        elif typing.get_origin(kind) is list:
-            group.add_argument(flag, nargs="+", metavar="FILE", help=text)
-        else:
-            default = "" if f.default is None else f" (default: {f.default})"
-            if f.name in DATASET_DEFAULTS["cifar100"]:
-                default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
-            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=text + default)
-    return parser
-
-
-def parse_settings(argv=None) -> Settings:
-    """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
-    given = vars(build_parser().parse_args(argv))  # only the flags on the command line
-    out = given.get("resume")
-    fix = "drop it to continue that run, or start a new one with another --out and without --resume"
-    if out is None:
-        cfg = with_defaults(Settings(**given))
-        if not (Path(cfg.out) / "checkpoint.pt").is_file():
-            return cfg
-        out, given = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
-        fix = f"continue that run with --resume {out} (its own settings), or give a new --out"
-    elif Path(given.get("out", out)) != Path(out):
-        raise UserError(f"--resume {out} continues the run in its own folder; drop --out {given['out']}")
-    saved = {**dataclasses.asdict(Settings()), **load_checkpoint(out)["settings"]}  # older runs: today's defaults
-    changed = [k for k in sorted(given.keys() - FREE_ON_RESUME) if given[k] != saved[k]]
-    if changed:
-        key = changed[0]
-        raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {saved[key]} in the run in {out}; {fix}")
-    known = {f.name for f in dataclasses.fields(Settings)}
-    cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": out, "resume": out})
-    check_settings(cfg)  # the flags a resumed run may change (--workers, --eval-batch-size, ...) are checked too
-    return cfg
-
-
-def with_defaults(cfg: Settings) -> Settings:
-    """Fill what the command line left open from the dataset's defaults, check it, and name the output folder."""
-    if cfg.dataset not in DATASET_DEFAULTS:
-        raise UserError(f"unknown --dataset '{cfg.dataset}'; choose one of {', '.join(DATASET_DEFAULTS)}")
-    for key, value in DATASET_DEFAULTS[cfg.dataset].items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.pretrained is None:
-        cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
-    if cfg.model == "tiny" and cfg.pretrained != "none":
-        raise UserError("--model tiny is a random-init toy CLIP; drop --pretrained or pass --pretrained none")
-    check_settings(cfg)
-    if cfg.out is None:
-        suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
-        cfg.out = f"runs/{cfg.dataset}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
-    return cfg
-
-
-def check_settings(cfg: Settings):
-    """Refuse at once what would fail later or silently train nothing, saying what is allowed."""
-    for key, low in AT_LEAST.items():
-        if getattr(cfg, key) is not None and not getattr(cfg, key) >= low:
-            raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
-    for key in ("lr", "vis_lr", "alpha", "lora_alpha"):
-        if not getattr(cfg, key) > 0:  # also refuses nan
-            raise UserError(f"--{key.replace('_', '-')} must be greater than 0, got {getattr(cfg, key)}")
-    if cfg.text_weight + cfg.visual_weight <= 0:
-        raise UserError("--text-weight and --visual-weight must not both be 0")
-    if "{}" not in cfg.prompt:
-        raise UserError(f"--prompt '{cfg.prompt}' has no {{}} for the class name; e.g. --prompt 'a photo of a {{}}.'")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"--precision {cfg.precision} is not one of {', '.join(PRECISIONS)}")
-    if cfg.split_file and cfg.dataset not in FOLDER_DATASETS:
-        raise UserError(f"--split-file is for the image-folder datasets ({', '.join(FOLDER_DATASETS)}), "
-                        f"not --dataset {cfg.dataset}")
-    if cfg.zeroshot_eval and cfg.zeroshot_eval not in ("food101", *DATASET_DEFAULTS):
-        raise UserError(f"unknown --zeroshot-eval '{cfg.zeroshot_eval}'; choose food101 or one of "
-                        f"{', '.join(DATASET_DEFAULTS)}")
-
-
-def variant(cfg: Settings) -> str:
-    """The paper's row this run reproduces: mgclip, or its ablation without preservation and/or compensation."""
-    off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
-    return "-".join("no-" + name for name in off) or "mgclip"
-
-
-# ------------------------------------------------------------------------------------------- Data: tasks and benchmarks
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
     """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
     if initial_increment:
@@ -237,7 +446,7 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
 
-def class_order(cfg: Settings, num_classes: int, default=None) -> list[int]:
+def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
         try:
@@ -252,13 +461,6 @@ def class_order(cfg: Settings, num_classes: int, default=None) -> list[int]:
     if default is not None:
         return list(default)
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-
-
-def positions(order: list[int]) -> torch.Tensor:
-    """Inverse of the class order: the position of each original class id."""
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.as_tensor(order)] = torch.arange(len(order))
-    return inverse
 
 
 def prepare_pil(image: PIL.Image.Image, size: int | None) -> torch.Tensor:
@@ -280,9 +482,9 @@ def read_image(path: str, size: int | None) -> torch.Tensor:
 
 @dataclass
 class Split(torch.utils.data.Dataset):
-    """One split: labels as class-order positions, images as a uint8 (N, 3, H, W) tensor or as files."""
+    """One split: labels as class-order positions, pixels as a uint8 (N, 3, H, W) tensor or as image files."""
     labels: torch.Tensor
-    images: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
     files: list[str] | None = None
     size: int | None = None  # resize + crop to this side in the loader workers; None: as stored
 
@@ -293,10 +495,10 @@ class Split(torch.utils.data.Dataset):
         if self.files is not None:
             x = torch.stack([read_image(self.files[i], self.size) for i in idx])
         elif self.size is not None:
-            x = torch.stack([prepare_pil(PIL.Image.fromarray(self.images[i].permute(1, 2, 0).numpy()), self.size)
+            x = torch.stack([prepare_pil(PIL.Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy()), self.size)
                              for i in idx])
         else:
-            x = self.images[idx]
+            x = self.pixels[idx]
         return x, self.labels[idx]
 
 
@@ -309,14 +511,14 @@ class Benchmark:
     order: list[int]  # the dataset's class index at each position
 
 
-def download_forbidden(cfg: Settings) -> str | None:
+def download_forbidden(cfg) -> str | None:
     """What the user said to forbid downloads (--no-download, HF_HUB_OFFLINE=1), or None."""
     if not cfg.download:
         return "--no-download"
     return "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else None
 
 
-def download(cfg: Settings, name: str, missing: Path, flag: str, fetch):
+def download(cfg, name: str, missing: Path, flag: str, fetch):
     """Run torchvision's download of a dataset that lacks `missing`, unless the user forbade downloads."""
     forbidden = download_forbidden(cfg)
     if forbidden:
@@ -339,7 +541,7 @@ def unpickle(path: Path, *keys):
         raise UserError(f"corrupt CIFAR-100 file {path} ({type(e).__name__}); delete it and download again") from None
 
 
-def load_cifar100(cfg: Settings) -> Benchmark:
+def load_cifar100(cfg) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
     files = [Path(cfg.data_root) / "cifar-100-python" / name for name in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
@@ -347,7 +549,7 @@ def load_cifar100(cfg: Settings) -> Benchmark:
         download(cfg, "CIFAR-100", missing[0], "--data-root",
                  lambda: torchvision.datasets.CIFAR100(cfg.data_root, download=True))
     order = class_order(cfg, 100, CIFAR100_ORDER)
-    where, splits = positions(order), []
+    where, splits = torch.argsort(torch.as_tensor(order)), []  # the position of each class id in the order
     for f in files[:2]:
         pixels, labels = unpickle(f, "data", "fine_labels")
         splits.append(Split(where[torch.as_tensor(labels)], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
@@ -355,7 +557,7 @@ def load_cifar100(cfg: Settings) -> Benchmark:
     return Benchmark(*splits, [names[i] for i in order], order)
 
 
-def load_food101(cfg: Settings) -> Benchmark:
+def load_food101(cfg) -> Benchmark:
     """Food-101's test split (for zero-shot retention) in torchvision's layout: food-101/images/, food-101/meta/."""
     meta = Path(cfg.data_root) / "food-101" / "meta"
     if not (meta / "test.json").is_file():
@@ -370,7 +572,7 @@ def load_food101(cfg: Settings) -> Benchmark:
     return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
 
 
-def synthetic_benchmark(cfg: Settings) -> Benchmark:
+def synthetic_benchmark(cfg) -> Benchmark:
     """A deterministic toy benchmark: each class is a coarse colour layout plus noise, with a made-up name."""
     g = torch.Generator().manual_seed(cfg.seed)
     n, size = cfg.syn_classes, cfg.syn_size
@@ -388,14 +590,14 @@ def synthetic_benchmark(cfg: Settings) -> Benchmark:
     names = sorted(names)
     order = class_order(cfg, n)
     train, test = sample(cfg.syn_train), sample(cfg.syn_test)
-    where = positions(order)
+    where = torch.argsort(torch.as_tensor(order))  # the position of each class id in the order
     for split in (train, test):
         split.labels = where[split.labels]
     return Benchmark(train, test, [names[i] for i in order], order)
 
 
 def class_folders(root: Path) -> list[str]:
-    """The class folders (sorted names) directly under root."""
+    """The class folders (sorted names, as torchvision's ImageFolder sorts them) directly under root."""
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -429,37 +631,35 @@ def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Spl
             Split(whole.labels[test], files=[whole.files[i] for i in test]))
 
 
-def listed_classes(text: str) -> tuple[list[str], list[str]]:
-    """WordNet ids and names from a "wnid name; wnid name; ..." list."""
-    pairs = [" ".join(entry.split()).split(" ", 1) for entry in text.split(";")]
-    return [w for w, _ in pairs], [n for _, n in pairs]
-
-
-def folder_classes(cfg: Settings, train_dir: Path, test_dir: Path) -> tuple[list[str], list[str], list[int]]:
-    """Class folders, class names and class order of an image-folder dataset."""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # ImageNet-100: the first 100 ImageNet classes
-    if cfg.dataset == "imagenet100":
-        return IMAGENET100_WNIDS.split(), list(IMAGENET_CLASSNAMES[:100]), class_order(cfg, 100, IMAGENET100_ORDER)
-    if cfg.dataset == "imagenet-r":
-        wnids, names = listed_classes(IMAGENET_R_CLASSES)
-        return wnids, names, class_order(cfg, 200, IMAGENET_R_ORDER)
-    wnids = class_folders(train_dir)
-    if wnids != class_folders(test_dir):
-        differ = sorted(set(wnids) ^ set(class_folders(test_dir)))
-        raise UserError(f"the classes in {train_dir} and {test_dir} differ ({', '.join(differ[:3])}...); "
+def folder_classes(cfg, root: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
+    """Class folders (sorted, as torchvision's ImageFolder), class names and class order of an image-folder dataset."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
+    folders = class_folders(root if raw else root / "train")
+    if not raw and not cfg.split_file and folders != class_folders(test_dir):
+        differ = sorted(set(folders) ^ set(class_folders(test_dir)))
+        raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
                         f"both need the same class folders")
-    if cfg.dataset == "imagenet":
-        if len(wnids) != 1000:
-            raise UserError(f"{train_dir} holds {len(wnids)} class folders, ImageNet-1K has 1000")
-        return wnids, list(IMAGENET_CLASSNAMES), class_order(cfg, 1000, range(1000))
-    names = [n.replace("_", " ") for n in wnids]
-    listed = train_dir.parent / "classnames.txt"
+    if cfg.dataset == "imagenet100" and len(folders) == 1000:
+        folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
+    known = {"imagenet100": (IMAGENET_CLASSNAMES[:100], IMAGENET100_ORDER),
+             "imagenet-r": (IMAGENET_R_CLASSES.split(), IMAGENET_R_ORDER),
+             "imagenet": (IMAGENET_CLASSNAMES, range(1000)),
+             "vtab": ([n.strip() for n in VTAB_CLASSES.split(";")], range(50))}
+    if cfg.dataset in known:
+        names, order = known[cfg.dataset]
+        if len(folders) != len(names):
+            raise UserError(f"{root if raw else root / 'train'} holds {len(folders)} class folders; --dataset "
+                            f"{cfg.dataset} has {len(names)}")
+        return folders, list(names), class_order(cfg, len(names), order)
+    names = [n.replace("_", " ") for n in folders]
+    listed = root / "classnames.txt"
     if listed.is_file():
         names = [n.strip() for n in listed.read_text().splitlines() if n.strip()]
-        if len(names) != len(wnids):
-            raise UserError(f"{listed} has {len(names)} names for {len(wnids)} class folders; "
+        if len(names) != len(folders):
+            raise UserError(f"{listed} has {len(names)} names for {len(folders)} class folders; "
                             f"give one name per line in sorted folder order")
-    return wnids, names, class_order(cfg, len(wnids))
+    return folders, names, class_order(cfg, len(folders))
 
 
 def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[Split, Split]:
@@ -492,46 +692,235 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
     return splits[0], splits[1]
 
 
-def load_image_folders(cfg: Settings) -> Benchmark:
-    """ImageNet-100, ImageNet-R, ImageNet-1K or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
+def load_image_folders(cfg) -> Benchmark:
+    """ImageNet-100, ImageNet-R, ImageNet-1K, VTAB or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
     root = Path(cfg.data_root)
     if not root.is_dir():
         raise UserError(f"--data-root {root} does not exist; point it at the folder holding train/ and val/ (or test/)")
-    tests = ("test", "val") if cfg.dataset == "imagenet-r" else ("val", "test")  # the authors' ImageNet-R: test/
+    tests = ("test", "val") if cfg.dataset in ("imagenet-r", "vtab") else ("val", "test")  # the authors' test/
     test_dir = next((root / s for s in tests if (root / s).is_dir()), None)
-    listed = cfg.split_file and cfg.dataset in ("imagenet100", "imagenet-r")  # classes known, no folders needed
-    raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()
-    if not raw and not listed and not (root / "train").is_dir():
+    raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
+    if raw and not (root / "n01443537").is_dir():
+        raise UserError(f"{root} holds neither train/ and test/ nor ImageNet-R's class folders (n01443537/, ...); "
+                        f"point --data-root at the extracted imagenet-r folder")
+    if not raw and not (root / "train").is_dir():
         raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
-    if not raw and not listed and test_dir is None:
+    if not raw and test_dir is None and not cfg.split_file:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
-    wnids, names, order = folder_classes(cfg, root / "train", test_dir)
-    classes = [wnids[i] for i in order]
+    folders, names, order = folder_classes(cfg, root, test_dir)
+    classes = [folders[i] for i in order]
     if cfg.split_file:
         train, test = read_split_files(cfg.split_file, root, classes)
     elif raw:
-        if not any((root / w).is_dir() for w in wnids):
-            raise UserError(f"{root} holds neither train/ and test/ nor ImageNet-R's class folders ({wnids[0]}/, ...); "
-                            f"point --data-root at the extracted imagenet-r folder")
         train, test = split_raw_imagenet_r(root, classes, cfg.seed)
     else:
         train, test = folder_split(root / "train", classes), folder_split(test_dir, classes)
     return Benchmark(train, test, [names[i] for i in order], order)
 
 
-def load_benchmark(cfg: Settings) -> Benchmark:
+def load_benchmark(cfg) -> Benchmark:
     """The benchmark named by --dataset (or food101, for zero-shot), labels already in class-order positions."""
     loaders = dict(cifar100=load_cifar100, synthetic=synthetic_benchmark, food101=load_food101)
     return loaders.get(cfg.dataset, load_image_folders)(cfg)
 
 
-def load_zeroshot(cfg: Settings) -> Benchmark:
+def load_zeroshot(cfg) -> Benchmark:
     """The --zeroshot-eval dataset (food101 or any --dataset), read from --zeroshot-root."""
-    return load_benchmark(dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None,
+    return load_benchmark(dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None, split_file=None,
                                               data_root=cfg.zeroshot_root or cfg.data_root))
 
 
-# ------------------------------------------------ Model: CLIP, and LoRA on the attention keys and values of both towers
+# ======================================================================================= Settings and the command line
+def arg(default, group: str, help: str, **accepts):
+    """A settings field: its default, --help group and text, and what argparse accepts (choices, low, above)."""
+    return field(default=default, metadata=dict(group=group, help=help, **accepts))
+
+
+METHOD, ABLATIONS, DATA, RUN = "method", "ablations", "data", "run and outputs"  # the groups of --help
+PRECISIONS = ("tf32", "fp32", "bf16")
+# The authors' settings per dataset (imagenet: their imagenet1000 config; vtab, folder: their CIFAR-100 one, ours).
+CIFAR100 = dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, vis_epochs=3, seed=42,
+                model="ViT-B-16")
+DATASET_DEFAULTS = {
+    "cifar100": CIFAR100,
+    "imagenet100": dict(CIFAR100, lr=5e-4, vis_lr=1e-3, vis_batch_size=128, seed=0),
+    "imagenet-r": dict(CIFAR100, batch_size=64, vis_batch_size=32, seed=0),
+    "imagenet": dict(CIFAR100, lr=5e-4, batch_size=80, vis_epochs=2, seed=0),
+    "vtab": dict(CIFAR100, tasks=5),
+    "folder": dict(CIFAR100, seed=0),
+    "synthetic": dict(CIFAR100, tasks=4, lr=1e-2, batch_size=16, vis_lr=2e-3, vis_batch_size=16, seed=0, model="tiny"),
+}
+
+
+@dataclass
+class Settings:
+    """Every knob of a run; each field is a command-line flag (--tasks, --vis-lr, ...). None: per-dataset default."""
+    model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
+    pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
+    lora_rank: int = arg(8, METHOD, "LoRA rank r", low=1)
+    lora_alpha: float = arg(1.0, METHOD, "LoRA alpha (delta W = alpha / r * B @ A)", above=0)
+    prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
+    lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
+    batch_size: int | None = arg(None, METHOD, "training batch", low=1)
+    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1)", low=1)
+    alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha", above=0)
+    max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
+    vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)
+    vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch", low=1)
+    vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task", low=0)
+    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics on Ampere+ GPUs), fp32 (strict, TF32 off) or "
+                         "bf16 (autocast)", choices=PRECISIONS)
+    text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch", low=0)
+    visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier", low=0)
+    preservation: bool = arg(True, ABLATIONS, "turn gap preservation off: no search, --epochs or --max-epochs per task")
+    compensation: bool = arg(True, ABLATIONS, "turn gap compensation off: the text branch alone predicts")
+    dataset: str = arg("cifar100", DATA, "the benchmark", choices=tuple(DATASET_DEFAULTS))
+    data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
+    tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
+    initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
+    class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
+    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
+                                                   "train_100.txt val_100.txt); entries relative to --data-root")
+    download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
+    syn_classes: int = arg(20, DATA, "synthetic: number of classes", low=2)
+    syn_train: int = arg(48, DATA, "synthetic: training images per class", low=1)
+    syn_test: int = arg(16, DATA, "synthetic: test images per class", low=1)
+    syn_size: int = arg(32, DATA, "synthetic: image side in pixels", low=8)
+    seed: int | None = arg(None, RUN, "random seed", low=0)
+    device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
+    workers: int = arg(4, RUN, "data-loader processes that decode and resize images", low=0)
+    eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
+    out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
+    resume: str | None = arg(None, RUN, "continue the run in this output folder (or its checkpoint.pt) after its "
+                             "last finished task")
+    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset before and after",
+                                    choices=("food101", *DATASET_DEFAULTS))
+    zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
+    progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
+
+
+# What a resumed run may change: every other setting changes the numbers already computed and must stay.
+FREE_ON_RESUME = {"data_root", "download", "device", "workers", "eval_batch_size", "out", "resume", "zeroshot_eval",
+                  "zeroshot_root", "progress"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, a word for a number) are one line, like every other error."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see --help")
+
+
+def number(kind, low=None, above=None):
+    """An argparse type: a `kind` number of at least `low` or greater than `above` (nan is neither)."""
+    def parse(text):
+        value = kind(text)
+        if low is not None and not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it: "invalid float value"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
+    parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
+    for f in dataclasses.fields(Settings):
+        meta = dict(f.metadata)
+        group, text = groups[meta.pop("group")], meta.pop("help")
+        flag = "--" + f.name.replace("_", "-")
+        kind = next(a for a in typing.get_args(f.type) or [f.type] if a is not type(None))
+        if f.default is True:
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=text)
+        elif f.default is False:
+            group.add_argument(flag, action="store_true", help=text)
+        elif typing.get_origin(kind) is list:
+            group.add_argument(flag, nargs="+", metavar="FILE", help=text)
+        else:
+            default = "" if f.default is None else f" (default: {f.default})"
+            if f.name in CIFAR100:
+                default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
+            choices = meta.pop("choices", None)
+            kind = number(kind, **meta) if kind in (int, float) else kind
+            group.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(),
+                               help=text + default)
+    return parser
+
+
+def parse_settings(argv=None) -> Settings:
+    """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
+    typed = vars(build_parser().parse_args(argv))  # only the flags on the command line
+    if "resume" in typed:
+        out = Path(typed["resume"])
+        out = str(out.parent if out.name == "checkpoint.pt" else out)  # the folder, or its checkpoint.pt
+        if Path(typed.get("out", out)) != Path(out):
+            raise UserError(f"--resume {out} continues the run in its own folder; drop --out {typed['out']}")
+        wanted, fix = typed, "drop those flags to continue that run, or start a new one with another --out"
+    else:
+        cfg = with_defaults(Settings(**typed))
+        if not (Path(cfg.out) / "checkpoint.pt").is_file():
+            return cfg
+        out, wanted = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
+        fix = f"continue that run with --resume {out} (its own settings), or give another --out"
+    # a setting that an older run lacks had today's default, but precision: runs before --precision were fp32
+    saved = {**dataclasses.asdict(Settings()), "precision": "fp32", **load_checkpoint(out)["settings"]}
+    changed = [k for k in sorted(wanted.keys() - FREE_ON_RESUME) if wanted[k] != saved[k]]
+    if changed:
+        differ = ", ".join(f"{as_typed(k, typed.get(k, 'default'))} (the run: {as_typed(k, saved[k])})"
+                           for k in changed)
+        raise UserError(f"the run in {out} has other settings: {differ}; {fix}")
+    known = {f.name for f in dataclasses.fields(Settings)}
+    cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **typed, "out": out, "resume": out})
+    check_settings(cfg)
+    return cfg
+
+
+def as_typed(key: str, value) -> str:
+    """A setting as the command line spells it: '--lr 0.001', '--no-compensation', '--epochs default'."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--no-{flag[2:]}" if not value else f"without --no-{flag[2:]}"
+    return f"{flag} {'default' if value is None else value}"
+
+
+def with_defaults(cfg: Settings) -> Settings:
+    """Fill what the command line left open from the dataset's defaults, check it, and name the output folder."""
+    for key, value in DATASET_DEFAULTS[cfg.dataset].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.pretrained is None:
+        cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
+    check_settings(cfg)
+    if cfg.out is None:
+        suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
+        cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
+    return cfg
+
+
+def check_settings(cfg: Settings):
+    """Refuse at once the combinations that would fail later or silently train nothing, saying what is allowed."""
+    if cfg.model == "tiny" and cfg.pretrained != "none":
+        raise UserError("--model tiny is a random-init toy CLIP; drop --pretrained or pass --pretrained none")
+    if cfg.text_weight + cfg.visual_weight <= 0:
+        raise UserError("--text-weight and --visual-weight must not both be 0")
+    if cfg.prompt.count("{") != 1 or cfg.prompt.count("}") != 1 or "{}" not in cfg.prompt:
+        raise UserError(f"--prompt '{cfg.prompt}' needs exactly one {{}} for the class name and no other braces; "
+                        f"e.g. --prompt 'a photo of a {{}}.'")
+    if cfg.split_file and cfg.dataset in ("cifar100", "synthetic"):
+        raise UserError(f"--split-file is for the image-folder datasets, not --dataset {cfg.dataset}")
+
+
+def variant(cfg: Settings) -> str:
+    """The paper's row this run reproduces: mgclip, or its ablation without preservation and/or compensation."""
+    off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
+    return "-".join("no-" + name for name in off) or "mgclip"
+
+
+# ================================================================== Running it: CLIP, loaders, the run, checkpoints
+log = logging.getLogger("mgclip")
 # A CLIP small enough to train on a CPU in seconds, built from open_clip's own config classes.
 TINY_CLIP = dict(embed_dim=64,
                  vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
@@ -553,12 +942,15 @@ class Clip:
 
 
 def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -> Clip:
-    """CLIP from open_clip (weights by tag, local file or 'none'), or the tiny random-init one ('tiny', seeded)."""
+    """CLIP from open_clip with weights by tag (from the Hugging Face cache or the hub), from a file or 'none', or
+    the tiny random-init one ('tiny', seeded); with its tokenizer and input transform."""
     import open_clip
     if name == "tiny":
         torch.manual_seed(seed)
         model = open_clip.CLIP(**TINY_CLIP, init_logit_scale=math.log(100))
         tokenize = open_clip.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
+    elif name not in open_clip.list_models():
+        raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
     else:
         model, tokenize = open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
     size = model.visual.image_size
@@ -570,10 +962,8 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
 
 
 def open_clip_model(name: str, pretrained: str) -> nn.Module:
-    """open_clip's `name` with weights by tag (from the Hugging Face cache or the hub), from a file, or 'none'."""
+    """open_clip's `name` with its weights; each failure is one line that says where the weights were looked for."""
     import open_clip
-    if name not in open_clip.list_models():
-        raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
     weights = None if pretrained == "none" else pretrained
     is_tag = weights is not None and not os.path.isfile(weights)
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -594,384 +984,49 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
         logging.disable(logging.NOTSET)
 
 
-class LoRAKeyValue(nn.Module):
-    """Adds (alpha / r) * B @ A to the key and value rows of a packed q/k/v projection weight."""
+class Feed:
+    """One split's DataLoader for the whole run: its worker processes (when images need decoding or resizing) start
+    once and serve every pass of every task; `clock` sums the seconds and images of the passes per phase."""
 
-    def __init__(self, dim: int, rank: int, alpha: float):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(2, rank, dim))  # [key, value]
-        self.B = nn.Parameter(torch.zeros(2, dim, rank))  # zero: the model is unchanged at start
-        for a in self.A:  # the authors' attention LoRA draws A with xavier_uniform_ (their Linear LoRA: kaiming)
-            nn.init.xavier_uniform_(a)
-        self.scale = alpha / rank
+    def __init__(self, split: Split, clip: Clip, clock: dict, workers: int, progress: bool):
+        workers = min(workers, os.cpu_count() or 1) if split.files is not None or split.size is not None else 0
+        self.order = []  # the loader's sampler: the index batches of the pass about to start, set in place
+        self.loader = torch.utils.data.DataLoader(
+            split, sampler=self.order, batch_size=None, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+        self.split, self.clip, self.clock, self.progress = split, clip, clock, progress
 
-    def forward(self, qkv_weight):
-        """W_qkv -> [W_q; W_k + s B_k A_k; W_v + s B_v A_v]."""
-        dim = qkv_weight.shape[1]
-        delta = (self.B @ self.A).reshape(2 * dim, dim) * self.scale
-        return torch.cat([qkv_weight[:dim], qkv_weight[dim:] + delta.to(qkv_weight.dtype)])
-
-
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0) -> list[nn.Parameter]:
-    """Freeze CLIP and put LoRA on W_k and W_v of every self-attention block of both towers; returns its weights."""
-    model.requires_grad_(False)
-    blocks = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim]
-    if not blocks:
-        raise UserError("this model has no packed nn.MultiheadAttention blocks for LoRA; use a ViT CLIP from open_clip")
-    for attn in blocks:
-        w = attn.in_proj_weight
-        parametrize.register_parametrization(attn, "in_proj_weight", LoRAKeyValue(w.shape[1], rank, alpha).to(w.device))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
-    """Load LoRA weights in place (the untouched ones, B = 0, give back the pre-trained CLIP)."""
-    with torch.no_grad():
-        for p, w in zip(lora, values):
-            p.copy_(w)
-
-
-@contextmanager
-def pretrained_clip(lora: list[nn.Parameter], untouched: list[torch.Tensor]):
-    """Within this block the model is the pre-trained CLIP; the trained LoRA weights come back after."""
-    trained = [p.detach().clone() for p in lora]
-    set_lora(lora, untouched)
-    try:
-        yield
-    finally:
-        set_lora(lora, trained)
-
-
-@contextmanager
-def towers(device: torch.device, amp: torch.dtype | None):
-    """The context the CLIP towers run in: LoRA merged once per forward, autocast to `amp` unless it is None (fp32)."""
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None), parametrize.cached():
-        yield
-
-
-@torch.no_grad()
-def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
-    """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
-    device = model.logit_scale.device
-    with towers(device, amp):
-        out = [model.encode_text(t.to(device)) for t in tokens.split(500)]
-    return F.normalize(torch.cat(out).float(), dim=-1)
-
-
-@torch.no_grad()
-def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
-    """L2-normalised image features v_i and their labels, one pass over batches of (model-ready images, labels)."""
-    feats, labels = [], []
-    for x, y in batches:
-        with towers(x.device, amp):
-            feats.append(model.encode_image(x))
-        labels.append(y)
-    return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
-
-
-# ----------------------------------------------------------------------------------------------------- The modality gap
-def modality_gap(image_features, text_features, labels, logit_scale: float):
-    """S+ (matching pairs), S- (non-matching pairs), both s * cos with s = exp(model.logit_scale) (100 for CLIP), and
-    the centroid gap ||mean_i v_i - mean_c t_c|| (each class prompt counted once)."""
-    v = F.normalize(image_features.float(), dim=-1)
-    t = F.normalize(text_features.float(), dim=-1)
-    pos = logit_scale * (v * t[labels]).sum(-1)
-    every = logit_scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
-    s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
-    centroid = (v.mean(0) - t.mean(0)).norm()
-    return pos.mean().item(), s_minus.item(), centroid.item()
-
-
-# --------------------------------------------------------------------------------------- Training with gap preservation
-def train_step(model: nn.Module, opt, x, y, task_tokens, scale, amp: torch.dtype | None = None) -> torch.Tensor:
-    """One LoRA update on the restricted cross-entropy of s * cos(v, t_c) over the current task's classes."""
-    with towers(x.device, amp):
-        v = model.encode_image(x)
-        t = model.encode_text(task_tokens)
-    logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
-    loss = F.cross_entropy(logits, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
-
-
-def train_epoch(model: nn.Module, opt, batches, tokens, classes: range, amp: torch.dtype | None = None) -> float:
-    """One epoch of LoRA fine-tuning on a task's batches (labels: class-order positions, all within `classes`), with
-    the restricted cross-entropy: logits over the task's own classes only, so old classes' prompts are not pushed
-    away. Returns the mean loss."""
-    device = model.logit_scale.device
-    scale = model.logit_scale.exp().detach()
-    task_tokens = tokens[classes.start: classes.stop].to(device)
-    loss_sum, first_bad, step = torch.zeros((), device=device), torch.full((), -1, device=device), 0
-    for step, (x, y) in enumerate(batches, 1):
-        loss = train_step(model, opt, x, y - classes.start, task_tokens, scale, amp)
-        loss_sum += loss  # kept on the device: no host sync inside the loop
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-    if first_bad.item() >= 0:
-        raise FloatingPointError(f"step {first_bad.item()}")
-    return loss_sum.item() / max(step, 1)
-
-
-def lora_optimizer(lora: list[nn.Parameter], lr: float, epochs: int):
-    """Adam on the LoRA weights, cosine-annealed per epoch over `epochs` down to 0.01 * lr (fresh every task)."""
-    opt = torch.optim.Adam(lora, lr=lr)
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.01 * lr)
-
-
-def lora_epochs(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
-    """One task's LoRA fine-tuning, an epoch at a time under one cosine schedule over `epochs` (batches: re-iterable,
-    one pass per epoch); yields (epoch, mean loss, the lr the epoch ran at) after each."""
-    opt, schedule = lora_optimizer(lora, lr, epochs)
-    for epoch in range(1, epochs + 1):
-        epoch_lr = schedule.get_last_lr()[0]
-        try:
-            loss = train_epoch(model, opt, batches, tokens, classes, amp)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"epoch {epoch}, {e}") from None
-        schedule.step()
-        yield epoch, loss, epoch_lr
-
-
-def finetune_lora(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
-    """LoRA fine-tuning on one task for `epochs` epochs (E*), with the restricted cross-entropy."""
-    for epoch, loss, epoch_lr in lora_epochs(model, lora, batches, tokens, classes, lr, epochs, amp):
-        log.info(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
-
-
-def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
-                  s_minus_0: float, alpha: float, amp=None) -> tuple[int, bool]:
-    """Gap preservation on task 1: train epoch by epoch (cosine over max_epochs), measure S- after each, and stop at
-    the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha. S-(0): the pre-trained CLIP's on the same images and
-    prompts. Returns E* = max(e - 1, 1) and whether to retrain: then reset LoRA and finetune_lora for E* epochs."""
-    seen_tokens = tokens[: classes.stop]
-    scale = model.logit_scale.exp().item()
-    for epoch, loss, epoch_lr in lora_epochs(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
-        feats, labels = image_features(model, feature_batches, amp)
-        s_minus = modality_gap(feats, text_features(model, seen_tokens, amp), labels, scale)[1]
-        drift = abs(s_minus - s_minus_0) / abs(s_minus_0)
-        log.info(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {s_minus:.3f}  "
-                 f"relative drift {drift:.3f} (alpha {alpha})")
-        if drift > alpha:  # the probe's cosine schedule ran over max_epochs: the real E* epochs start again
-            return max(epoch - 1, 1), True
-    return max_epochs, False  # it ran them all: the probe is the real training
-
-
-# ----------------------------------------------------------------------- Gap compensation: the cosine visual classifier
-def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
-                            seed: int) -> torch.Tensor:
-    """Grow the classifier W (None at first, else one row per class before `classes`) by the task's class means of v,
-    then train the new rows on cos(v, w_c) with cross-entropy over the task's classes (Adam, cosine per step to 0.01
-    lr; no temperature, as the authors); old rows stay as they are."""
-    y = labels - classes.start
-    sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
-    new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
-    opt = torch.optim.Adam([new], lr=lr)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.01 * lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(labels), generator=g).to(feats.device).split(batch_size):
-            logits = F.normalize(feats[idx], dim=-1) @ F.normalize(new, dim=-1).T
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    return new.detach() if classifier is None else torch.cat([classifier, new.detach()])
-
-
-def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
-    """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    p_text = text_logits.float().softmax(-1).softmax(-1)  # double softmax, as in the authors' code
-    p_vis = visual_logits.float().softmax(-1)
-    return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
-
-
-# ---------------------------------------------------------------------------- Evaluation and continual-learning metrics
-@torch.no_grad()
-def predict(model, x, text_feats, w, scale, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
-    """Fused, text-only and visual-only predictions (3, B) of one batch, from one image-tower pass; text_feats and
-    the classifier w are L2-normalised rows, one per seen class."""
-    with towers(x.device, amp):
-        v = F.normalize(model.encode_image(x).float(), dim=-1)
-    text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
-    fused = fuse_scores(text_logits, vis_logits, fusion)
-    return torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
-
-
-@torch.no_grad()
-def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
-    counts (C,), over the seen classes C = len(text_feats); classifier None (no compensation): read row 1."""
-    device = model.logit_scale.device
-    seen = len(text_feats)
-    scale = model.logit_scale.exp().float()
-    w = F.normalize(classifier if classifier is not None else text_feats, dim=-1)
-    correct = torch.zeros(3, seen, device=device)
-    count = torch.zeros(seen, device=device)
-    for x, y in batches:
-        preds = predict(model, x, text_feats, w, scale, fusion, amp)
-        correct.index_add_(1, y, (preds == y).float())
-        count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-    return correct.cpu(), count.cpu()
-
-
-def accuracy(correct, count, classes: range) -> float:
-    """Top-1 accuracy (%) over the test images of the given classes."""
-    part = slice(classes.start, classes.stop)
-    return 100.0 * correct[part].sum().item() / max(count[part].sum().item(), 1)
-
-
-def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
-    """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
-    correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
-    return accuracy(correct[1], count, range(len(tokens)))
-
-
-def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
-    """Avg (mean of acc_t), Last (acc_T), forgetting and backward transfer from a[t][j] (j <= t)."""
-    T = len(acc)
-    old = range(T - 1)
-    if T == 1:
-        return dict(avg=acc[0], last=acc[0], forgetting=None, bwt=None)
-    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in old) / (T - 1)
-    bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in old) / (T - 1)
-    return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
-
-
-# -------------------------------------------------------------------------------------- One task: the paper's algorithm
-def learn_task(r: "Run", t: int, epochs: int | None, classifier):
-    """MG-CLIP on task t of run r (a Run, below), as the paper's algorithm: S+ / S- of the pre-trained CLIP, LoRA
-    fine-tuning for E* epochs (searched first when epochs is None: gap preservation), features, S+ / S- after, the
-    visual classifier (gap compensation), evaluation on all seen classes. Returns the task's metrics and classifier."""
-    cfg, model, classes = r.cfg, r.clip.model, r.tasks[t]
-    seen = range(0, classes.stop)
-    train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
-    n_train = train.images
-    log.info(f"task {t + 1}/{len(r.tasks)}: classes {classes.start}-{classes.stop - 1} ({n_train} images)")
-    with r.clock("gap", n_train), pretrained_clip(r.lora, r.untouched):  # as the authors: before = pre-trained CLIP
-        before = r.gap(classes, "gap before")[3]
-    retrain = True
-    if epochs is None:  # gap preservation on task 1: E* then serves every task
-        probe = r.batches(r.data.train, classes, "gap search")
-        with r.clock("search"):
-            epochs, retrain = search_epochs(model, r.lora, train, probe, r.tokens, classes, cfg.lr, cfg.max_epochs,
-                                            before[1], cfg.alpha, r.amp)
-        r.clock.images["search"] += train.served + probe.served
-        log.info(f"  gap preservation: E* = {epochs} epochs per task")
-        if retrain:
-            set_lora(r.lora, r.untouched)
-            train = r.batches(r.data.train, classes, f"task {t + 1}", seed=cfg.seed + t + 1)
-    if retrain:
-        with r.clock("train", n_train * epochs):
-            finetune_lora(model, r.lora, train, r.tokens, classes, cfg.lr, epochs, r.amp)
-    with r.clock("features", n_train):
-        feats, labels, text_seen, after = r.gap(classes, "features")
-    if cfg.compensation:
-        with r.clock("classifier", n_train * cfg.vis_epochs):
-            classifier = train_visual_classifier(classifier, feats, labels, classes, cfg.vis_lr, cfg.vis_batch_size,
-                                                 cfg.vis_epochs, cfg.seed + t + 1)
-    test = r.batches(r.data.test, seen, "evaluate")
-    with r.clock("eval", test.images):
-        correct, count = evaluate(model, test, text_seen, classifier, (cfg.text_weight, cfg.visual_weight), r.amp)
-    fused = correct[0] if cfg.compensation else correct[1]  # without compensation, the text branch decides
-    row = dict(task=t + 1, classes=[classes.start, classes.stop], epochs=epochs, acc=accuracy(fused, count, seen),
-               acc_text=accuracy(correct[1], count, seen),
-               acc_visual=accuracy(correct[2], count, seen) if cfg.compensation else None,
-               acc_per_task=[accuracy(fused, count, r.tasks[j]) for j in range(t + 1)],
-               gap_before=dict(zip(("s_plus", "s_minus", "centroid"), before)),
-               gap_after=dict(zip(("s_plus", "s_minus", "centroid"), after)))
-    log.info(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
-             f"S+ {before[0]:.2f}->{after[0]:.2f}  S- {before[1]:.2f}->{after[1]:.2f} (pre-trained CLIP->trained)")
-    return row, classifier
-
-
-# ======================================================================================================================
-# Above: the method. Below: the plumbing that runs it (loaders, the run, checkpoints, logs, main).
-# ======================================================================================================================
-class ShuffledBatches(torch.utils.data.Sampler):
-    """Lists of indices, batch by batch; with a seed, pass p is the permutation drawn from seed * 1000 + p."""
-
-    def __init__(self, idx: torch.Tensor, batch_size: int, seed: int | None):
-        self.idx, self.batch_size, self.seed, self.passes = idx, batch_size, seed, 0
-
-    def __len__(self):
-        return math.ceil(len(self.idx) / self.batch_size)
-
-    def __iter__(self):  # the DataLoader may call this more than once per pass: Batches counts the passes
-        idx = self.idx
-        if self.seed is not None:
-            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.seed * 1000 + self.passes))]
-        return iter([chunk.tolist() for chunk in idx.split(self.batch_size)])
+    def batches(self, classes: range, batch_size: int, phase: str, seed: int | None = None) -> "Batches":
+        return Batches(self, classes, batch_size, phase, seed)
 
 
 class Batches:
-    """Model-ready (images, labels) of one split's classes on the model's device, pass after pass (loader workers
-    stay alive between passes); counts the images it served, for the images/s in summary.json."""
+    """Model-ready (images, labels) of some classes of a split on the model's device, a pass per iteration, each image
+    decoded once per pass; shuffled per epoch (set_epoch) when seeded, in order otherwise."""
 
-    def __init__(self, split: Split, classes: range, batch_size: int, clip: Clip, workers: int,
-                 seed: int | None = None, desc: str = "", progress: bool = False):
-        idx = torch.nonzero((split.labels >= classes.start) & (split.labels < classes.stop)).squeeze(1)
-        busy = split.files is not None or split.size is not None  # decoding or resizing: worth worker processes
-        workers = min(workers, os.cpu_count() or 1) if busy else 0
-        device = clip.mean.device
-        self.loader = torch.utils.data.DataLoader(
-            split, sampler=ShuffledBatches(idx, batch_size, seed), batch_size=None, num_workers=workers,
-            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
-        self.images = len(idx)
-        self.clip, self.device, self.desc, self.progress, self.served = clip, device, desc, progress, 0
+    def __init__(self, feed: Feed, classes: range, batch_size: int, phase: str, seed: int | None = None):
+        labels = feed.split.labels
+        self.idx = torch.nonzero((labels >= classes.start) & (labels < classes.stop)).squeeze(1)
+        self.feed, self.batch_size, self.phase, self.seed, self.epoch = feed, batch_size, phase, seed, 1
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
 
     def __iter__(self):
-        self.loader.sampler.passes += 1
-        for x, y in tqdm(self.loader, desc=self.desc, leave=False, disable=not self.progress):
-            self.served += len(y)
-            yield self.clip.input(x), y.to(self.device, non_blocking=True)
-
-
-class Clock:
-    """Seconds and images per phase (device-synchronised), for summary.json."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.images = device, defaultdict(float), defaultdict(int)
-
-    @contextmanager
-    def __call__(self, phase: str, images: int = 0):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        feed, idx, device = self.feed, self.idx, self.feed.clip.mean.device
+        if self.seed is not None:
+            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))]
+        feed.order[:] = [chunk.tolist() for chunk in idx.split(self.batch_size)]
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        sync()  # the time of this pass's own GPU work, not of what was queued before
         start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[phase] += time.perf_counter() - start
-        self.images[phase] += images
-
-
-@dataclass
-class Run:
-    """What every task of a run shares: the settings, the data, CLIP with its LoRA, the prompts, the clock."""
-    cfg: Settings
-    data: Benchmark
-    tasks: list[range]
-    clip: Clip
-    lora: list[nn.Parameter]
-    untouched: list[torch.Tensor]  # LoRA at start (B = 0): the pre-trained CLIP
-    tokens: torch.Tensor  # the prompts of every class, in class order
-    clock: Clock
-    amp: torch.dtype | None = None
-    progress: bool = False
-
-    def batches(self, split: Split, classes: range, desc: str, seed: int | None = None) -> Batches:
-        """Training batches when seeded (shuffled), feature/evaluation batches otherwise."""
-        size = self.cfg.batch_size if seed is not None else self.cfg.eval_batch_size
-        return Batches(split, classes, size, self.clip, self.cfg.workers, seed, desc, self.progress)
-
-    def gap(self, classes: range, desc: str):
-        """Features v_i of the task's training images and t_c of all seen classes' prompts, and (S+, S-, centroid)."""
-        model = self.clip.model
-        feats, labels = image_features(model, self.batches(self.data.train, classes, desc), self.amp)
-        text = text_features(model, self.tokens[: classes.stop], self.amp)
-        return feats, labels, text, modality_gap(feats, text, labels, model.logit_scale.exp().item())
+        with tqdm(total=len(idx), desc=self.phase, leave=False, disable=not feed.progress) as bar:
+            for x, y in feed.loader:  # one iterator per pass: the workers decode this pass's images only
+                yield feed.clip.input(x), y.to(device, non_blocking=True)
+                bar.update(len(y))
+        sync()
+        seconds, images = feed.clock.get(self.phase, (0.0, 0))
+        feed.clock[self.phase] = (seconds + time.perf_counter() - start, images + len(idx))
 
 
 def pick_device(name: str) -> torch.device:
@@ -989,131 +1044,190 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The towers' numerics; returns their autocast dtype. fp32: PyTorch's defaults, as the authors ran; tf32: TF32
-    matmuls and convolutions on CUDA; bf16: autocast to bfloat16 (with TF32). LoRA's weights, the visual classifier
-    and Adam's state stay fp32 (under bf16, LoRA's B @ A is rounded to bf16 like the weight it is added to)."""
+    """The towers' numerics; returns their autocast dtype. tf32: TF32 matmuls and convolutions on CUDA, what the
+    authors' torch 1.8 did by default on Ampere and newer GPUs; fp32: strict (TF32 off); bf16: autocast to bfloat16
+    (with TF32). LoRA, the visual classifier and Adam's state stay fp32 (under bf16, LoRA's B @ A is rounded to bf16
+    like the weight it is added to). On a CPU, tf32 is fp32."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 
 def settle_offline(cfg: Settings):
-    """Treat the machine as offline (HF_HUB_OFFLINE=1, read when huggingface_hub is imported) on --no-download or
-    when the hub does not answer within 3 s: weights then come from the cache or fail at once, never a retry loop."""
-    hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))  # or a mirror
+    """Treat the machine as offline on --no-download or when the hub (or the HF_ENDPOINT mirror) sends no HTTP answer
+    within 3 s: weights then come from the cache or fail at once, never a retry loop or a silent wait."""
     if not download_forbidden(cfg):
         try:
-            socket.create_connection((hub.hostname, hub.port or (443 if hub.scheme == "https" else 80)), 3).close()
+            urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=3).close()
             return
-        except OSError:
+        except urllib.error.HTTPError:
+            return  # an HTTP answer, even an error page: the hub is there
+        except (OSError, ValueError):  # refused, unknown, silent for 3 s, or a malformed HF_ENDPOINT
             pass
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported
+    if "huggingface_hub.constants" in sys.modules:  # imported already (open_clip names ImageNet's classes)
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
 
 
-def set_up(cfg: Settings) -> tuple[Run, Benchmark | None]:
-    """Device (seeded), data, CLIP with LoRA and the prompts of a run, and the zero-shot benchmark if any."""
+@dataclass
+class Run:
+    """What the plumbing of a run holds: the data, CLIP with its LoRA, the prompts, the tasks' batches, the clock."""
+    data: Benchmark
+    clip: Clip
+    lora: list[nn.Parameter]
+    initial: list[torch.Tensor]  # LoRA as added (B = 0): the pre-trained CLIP, for zero-shot "before"
+    tokens: torch.Tensor
+    tasks: list[Task]
+    zeroshot: Benchmark | None
+    clock: dict  # phase -> (seconds, images)
+    amp: torch.dtype | None
+    progress: bool
+
+
+def set_up(cfg: Settings) -> Run:
+    """Device (seeded), data, CLIP with LoRA, the prompts and the batches of every task of a run."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # every device's generator
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # summary.json's peak is this run's
     data = load_benchmark(cfg)
-    tasks = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
+    ranges = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
     if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
         settle_offline(cfg)  # after the data: it only decides how the weights load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
     for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
-        stored = split.files is None and split.images.shape[-2:] == (clip.image_size,) * 2
+        stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
         split.size = None if stored else clip.image_size  # files and other sizes: resized in the loader workers
-    lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+    try:
+        lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+    except ValueError as e:
+        raise UserError(f"--model {cfg.model}: {e}") from None
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
-    r = Run(cfg, data, tasks, clip, lora, [p.detach().clone() for p in lora], tokens, Clock(device),
-            set_precision(device, cfg.precision), cfg.progress or sys.stderr.isatty())
-    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes in {len(tasks)} tasks, "
-             f"{cfg.model} ({cfg.pretrained}) on {device}, {sum(p.numel() for p in lora):,} LoRA parameters, "
-             f"logit scale {clip.model.logit_scale.exp().item():.1f}")
-    return r, zeroshot
+    clock, progress = {}, cfg.progress or sys.stderr.isatty()
+    train = Feed(data.train, clip, clock, cfg.workers, progress)
+    test = Feed(data.test, clip, clock, cfg.workers, progress)
+    tasks = []
+    for t, classes in enumerate(ranges):
+        tasks.append(Task(classes, train.batches(classes, cfg.batch_size, "train", seed=cfg.seed + t + 1),
+                          train.batches(classes, cfg.eval_batch_size, "features"),
+                          test.batches(range(0, classes.stop), cfg.eval_batch_size, "eval")))
+    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes ({len(data.train)} training "
+             f"images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
+             f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
+    return Run(data, clip, lora, [p.detach().clone() for p in lora], tokens, tasks, zeroshot, clock,
+               set_precision(device, cfg.precision), progress)
 
 
 def run(cfg: Settings) -> dict:
-    """MG-CLIP over all tasks: set up, then for each task learn, evaluate and checkpoint; then the summary."""
+    """MG-CLIP over all tasks: set up, learn task after task with a checkpoint after each, then the summary."""
+    started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, append=bool(cfg.resume))
-    plt = pyplot() if cfg.plot else None  # a missing matplotlib should stop the run now, not after training
-    r, zeroshot = set_up(cfg)
-    # E* for every task: --epochs if given, else searched on task 1 (None), or --max-epochs without preservation
-    epochs = cfg.epochs or (None if cfg.preservation else cfg.max_epochs)
-    state = dict(rows=[], classifier=None, searched=False, epochs=epochs)
-    if cfg.resume:
-        state = resume_state(r, out)
-    else:
+    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
+    r = set_up(cfg)
+    state = resume_state(r, out) if cfg.resume else None
+    if state is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    classifier = state["classifier"].to(r.clip.mean.device) if state["classifier"] is not None else None
-    for t in range(len(state["rows"]), len(r.tasks)):
-        state["searched"] |= state["epochs"] is None
-        try:
-            row, classifier = learn_task(r, t, state["epochs"], classifier)
-        except FloatingPointError as e:
-            raise UserError(f"non-finite loss in task {t + 1}, {e}; lower --lr (now {cfg.lr:g}); the checkpoint "
-                            f"of the tasks before is intact") from None
-        state["rows"].append(row)
-        state.update(epochs=row["epochs"], lora=[p.detach().cpu() for p in r.lora], rng=torch.get_rng_state(),
-                     classifier=classifier.cpu() if classifier is not None else None,
-                     seconds=dict(r.clock.seconds), images=dict(r.clock.images), settings=dataclasses.asdict(cfg))
-        write_json(out / "metrics.jsonl", row, mode="a")
-        replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))  # the last good one stays
-        if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(t + 1):  # test hook: a pre-emption after this task
-            raise KeyboardInterrupt
-    summary = summarize(r, state, zeroshot)
+    hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
+    tick = time.perf_counter()
+    try:
+        for state in learn_tasks(r.clip.model, r.lora, r.tokens, r.tasks, hp, r.amp, state, log.info):
+            row = state["rows"][-1]
+            row["seconds"] = round(time.perf_counter() - tick, 3)
+            tick = time.perf_counter()
+            save_task(out, state, r, cfg)
+            if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(row["task"]):  # test hook: a pre-emption now
+                raise KeyboardInterrupt
+    except FloatingPointError as e:
+        task = len(state["rows"]) + 1 if state else 1
+        raise UserError(f"non-finite loss in task {task}, {e}; lower --lr (now {cfg.lr:g}); the checkpoint of the "
+                        f"tasks before is intact") from None
+    summary = summarize(r, cfg, state, time.perf_counter() - started)
     write_json(out / "summary.json", summary)
-    print_table(summary)
-    if plt is not None:
-        plot_run(summary, out / "mgclip.png", plt)
+    forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
+    log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  E* {state['epochs']}  "
+             f"{summary['seconds_total']:.1f}s  -> {out}")
+    if r.zeroshot:
+        z = summary["zeroshot"]
+        log.info(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} ({100 * (z['retained'] or 0):.1f}%)")
     return summary
 
 
-def summarize(r: Run, state: dict, zeroshot: Benchmark | None) -> dict:
-    """summary.json: the settings and data, Avg / Last / forgetting, the accuracy matrix, per-branch accuracies, the
-    gap per task, zero-shot retention, and seconds and images/s per phase."""
-    cfg, rows, clock = r.cfg, state["rows"], r.clock
-    summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(r.clip.mean.device),
-                   classnames=r.data.classnames, class_order=r.data.order, train_images=len(r.data.train),
-                   test_images=len(r.data.test), epochs_star=state["epochs"], epochs_searched=state["searched"],
-                   lora_parameters=sum(p.numel() for p in r.lora),
-                   **continual_metrics([row["acc"] for row in rows], [row["acc_per_task"] for row in rows]),
-                   acc=[row["acc"] for row in rows], acc_matrix=[row["acc_per_task"] for row in rows],
-                   acc_text=[row["acc_text"] for row in rows], acc_visual=[row["acc_visual"] for row in rows],
-                   gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows])
-    if zeroshot:
-        tokens = r.clip.tokenize([cfg.prompt.format(name) for name in zeroshot.classnames])
-        every = range(len(zeroshot.classnames))
-        with clock("zeroshot", 2 * len(zeroshot.test)):
-            final = zeroshot_accuracy(r.clip.model, r.batches(zeroshot.test, every, "zero-shot"), tokens, r.amp)
-            with pretrained_clip(r.lora, r.untouched):
-                first = zeroshot_accuracy(r.clip.model, r.batches(zeroshot.test, every, "zero-shot"), tokens, r.amp)
-        summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=first, after=final,
-                                   retained=final / first if first else None)
-    summary["phases"] = {p: dict(seconds=round(s, 3), images_per_second=round(clock.images[p] / s, 1) if s else None)
-                         for p, s in clock.seconds.items()}
-    cuda = r.clip.mean.device.type == "cuda"
-    summary.update(seconds_total=round(sum(clock.seconds.values()), 3),
-                   peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None)
-    return summary
+def data_record(data: Benchmark) -> dict:
+    """What identifies the data of a run: its class names in order and its image counts."""
+    return dict(classnames=data.classnames, train_images=len(data.train), test_images=len(data.test))
+
+
+def run_record(device: str) -> dict:
+    """What ran, where: the command line, the code's git version, the library versions, the host and the device."""
+    try:
+        code = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        code = None
+    cuda = torch.cuda.is_available() and device != "cpu"
+    return dict(command=sys.argv, code=code, python=platform.python_version(), torch=torch.__version__,
+                open_clip=importlib.metadata.version("open_clip_torch"), cuda=torch.version.cuda if cuda else None,
+                cudnn=torch.backends.cudnn.version() if cuda else None, host=platform.node(),
+                device_name=torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine())
+
+
+def save_task(out: Path, state: dict, r: Run, cfg: Settings):
+    """After each task: its metrics appended to metrics.jsonl, then the checkpoint (LoRA, the classifier, E*, the
+    metrics so far, the settings, the data, the clock), each replaced atomically."""
+    checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=data_record(r.data), clock=r.clock)
+    write_json(out / "metrics.jsonl", state["rows"][-1], mode="a")
+    replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))  # the last good one stays
 
 
 def resume_state(r: Run, out: Path) -> dict:
-    """The checkpoint's state, loaded into LoRA, the RNG and the clock; metrics.jsonl cut back to its tasks."""
+    """The checkpoint's state, on the same data, with the clock it had; metrics.jsonl cut back to its tasks."""
     state = load_checkpoint(str(out))
-    set_lora(r.lora, state["lora"])
-    torch.set_rng_state(state["rng"])
-    r.clock.seconds.update(state["seconds"])
-    r.clock.images.update(state["images"])
+    saved, now = state.get("data", data_record(r.data)), data_record(r.data)  # checkpoints before 2026-11 have none
+    differ = [key for key in now if saved[key] != now[key]]
+    if differ:
+        raise UserError(f"the run in {out} was trained on other data ({', '.join(differ)} differ); point --data-root "
+                        f"at that run's data, or start a new run with another --out")
+    r.clock.update(state.get("clock", {}))
     rows = "".join(json.dumps(row) + "\n" for row in state["rows"])
     replace_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text(rows))
     log.info(f"continuing the run in {out} after task {len(state['rows'])} (from its checkpoint.pt)")
     return state
+
+
+def summarize(r: Run, cfg: Settings, state: dict, seconds: float) -> dict:
+    """summary.json: the settings, data and run record, Avg / Last / forgetting, the accuracy matrix, per-branch
+    accuracies, the gap per task and the search's trace, zero-shot retention, and the time per phase and per task."""
+    rows = state["rows"]
+    device = r.clip.mean.device
+    summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(device), **data_record(r.data),
+                   class_order=r.data.order, epochs_star=state["epochs"], epochs_searched="search" in rows[0],
+                   lora_parameters=sum(p.numel() for p in r.lora),
+                   **continual_metrics([row["acc"] for row in rows], [row["acc_per_task"] for row in rows]),
+                   acc=[row["acc"] for row in rows], acc_matrix=[row["acc_per_task"] for row in rows],
+                   acc_text=[row["acc_text"] for row in rows], acc_visual=[row["acc_visual"] for row in rows],
+                   gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows],
+                   s_minus_0=rows[0]["gap_before"]["s_minus"], search=rows[0].get("search", []))
+    if r.zeroshot:
+        z = r.zeroshot
+        tokens = r.clip.tokenize([cfg.prompt.format(name) for name in z.classnames])
+        batches = Feed(z.test, r.clip, r.clock, cfg.workers, r.progress).batches(
+            range(len(z.classnames)), cfg.eval_batch_size, "zeroshot")
+        final = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
+        with pretrained_clip(r.lora, r.initial):
+            first = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
+        summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=first, after=final,
+                                   retained=final / first if first else None)
+    summary["phases"] = {p: dict(seconds=round(s, 3), images_per_second=round(n / s, 1) if s else None)
+                         for p, (s, n) in r.clock.items()}
+    summary.update(run=run_record(str(device)), seconds_total=round(seconds, 3),
+                   seconds_per_task=[row.get("seconds") for row in rows],
+                   peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
+                   else None)
+    return summary
 
 
 def replace_atomically(path: Path, write):
@@ -1150,71 +1264,14 @@ class TqdmHandler(logging.Handler):
 
 
 def setup_logging(out: Path, append: bool):
-    """Log lines to the terminal and to OUT/log.txt."""
+    """Log lines, stamped with the time, to the terminal and to OUT/log.txt."""
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    for handler in (TqdmHandler(), logging.FileHandler(out / "log.txt", mode="a" if append else "w")):
-        handler.setFormatter(logging.Formatter("%(message)s"))
+    for handler, stamp in ((TqdmHandler(), "%H:%M:%S"),
+                           (logging.FileHandler(out / "log.txt", mode="a" if append else "w"), "%Y-%m-%d %H:%M:%S")):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", stamp))
         log.addHandler(handler)
-
-
-def print_table(summary):
-    """The run at a glance: accuracy per branch and the gap per task, then Avg / Last / forgetting."""
-    lines = [f"{'task':>4} {'acc':>6} {'text':>6} {'visual':>6} {'S+ CLIP>after':>16} {'S- CLIP>after':>16} "
-             f"{'gap after':>9}"]
-    fmt = lambda v: "   n/a" if v is None else f"{v:6.2f}"
-    for g, a, at, av in zip(summary["gap"], summary["acc"], summary["acc_text"], summary["acc_visual"]):
-        b, f = g["before"], g["after"]
-        lines.append(f"{g['task']:>4} {a:6.2f} {at:6.2f} {fmt(av)} {b['s_plus']:7.2f}>{f['s_plus']:<8.2f} "
-                     f"{b['s_minus']:7.2f}>{f['s_minus']:<8.2f} {f['centroid']:9.3f}")
-    lines.append(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  "
-                 f"forgetting {fmt(summary['forgetting']).strip()}"
-                 f"  E* {summary['epochs_star']}  {summary['seconds_total']:.1f}s  -> {summary['config']['out']}")
-    if "zeroshot" in summary:
-        z = summary["zeroshot"]
-        lines.append(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} "
-                     f"({100 * (z['retained'] or 0):.1f}% retained)")
-    log.info("\n".join(lines))
-
-
-def pyplot():
-    """matplotlib's pyplot for --plot, an optional dependency."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib (or drop --plot)") from None
-    return plt
-
-
-def plot_run(summary, path: Path, plt):
-    """OUT/mgclip.png: accuracy per task for each branch, and S+ / S- of the pre-trained and the trained model."""
-    tasks = [g["task"] for g in summary["gap"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label, style in (("acc", "fused (MG-CLIP)", "o-"), ("acc_text", "text branch", "s--"),
-                              ("acc_visual", "visual classifier", "^:")):
-        if summary[key][0] is not None:
-            left.plot(tasks, summary[key], style, label=label)
-    left.set(xlabel="task", ylabel="accuracy on all seen classes (%)", title="Accuracy after each task",
-             xticks=tasks, ylim=(0, 100))
-    left.legend()
-    for key, colour, name in (("s_plus", "tab:green", "S+ (matching pairs)"),
-                              ("s_minus", "tab:red", "S- (non-matching pairs)")):
-        right.plot(tasks, [g["before"][key] for g in summary["gap"]], "o--", color=colour, alpha=0.5,
-                   label=f"{name}, pre-trained CLIP")
-        right.plot(tasks, [g["after"][key] for g in summary["gap"]], "o-", color=colour,
-                   label=f"{name}, after the task")
-    right.set(xlabel="task", ylabel="mean 100 * cos(image, prompt)", xticks=tasks,
-              title=f"Modality gap on each task's images (E* = {summary['epochs_star']})")
-    right.legend(fontsize=8)
-    name = "MG-CLIP" if summary["variant"] == "mgclip" else f"MG-CLIP, {summary['variant']}"
-    fig.suptitle(f"{name} on {summary['config']['dataset']}: Avg {summary['avg']:.1f}, Last {summary['last']:.1f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    log.info(f"plot: {path}")
 
 
 def stop(cfg: Settings | None, message: str, code: int = 1):
@@ -1242,59 +1299,37 @@ def main(argv=None):
         stop(cfg, f"mgclip: interrupted{where}", 130)
 
 
-# ---------------------------------------------------------------------- Class lists and orders, out of the reader's way
-# ImageNet-100 is the first 100 ImageNet-1K classes (names: open_clip's); ImageNet-R lists "wnid name" in index
-# order. The orders are those of the authors' setup: the class at position p of the order is ORDER[p].
-IMAGENET100_WNIDS = """
-n01440764 n01443537 n01484850 n01491361 n01494475 n01496331 n01498041 n01514668 n01514859 n01518878 n01530575
-n01531178 n01532829 n01534433 n01537544 n01558993 n01560419 n01580077 n01582220 n01592084 n01601694 n01608432
-n01614925 n01616318 n01622779 n01629819 n01630670 n01631663 n01632458 n01632777 n01641577 n01644373 n01644900
-n01664065 n01665541 n01667114 n01667778 n01669191 n01675722 n01677366 n01682714 n01685808 n01687978 n01688243
-n01689811 n01692333 n01693334 n01694178 n01695060 n01697457 n01698640 n01704323 n01728572 n01728920 n01729322
-n01729977 n01734418 n01735189 n01737021 n01739381 n01740131 n01742172 n01744401 n01748264 n01749939 n01751748
-n01753488 n01755581 n01756291 n01768244 n01770081 n01770393 n01773157 n01773549 n01773797 n01774384 n01774750
-n01775062 n01776313 n01784675 n01795545 n01796340 n01797886 n01798484 n01806143 n01806567 n01807496 n01817953
-n01818515 n01819313 n01820546 n01824575 n01828970 n01829413 n01833805 n01843065 n01843383 n01847000 n01855032
-n01855672
-"""
+# ============================================================== Class lists and orders, out of the reader's way
+# ImageNet-R's names in index order (its sorted WordNet-id folders), as the authors' prompts spell them; VTAB's are
+# the authors' dataset_reqs/vtab_classes.txt, in the ImageFolder order of its 50 folders. The orders are the authors':
+# the class at position p of the order is ORDER[p].
 IMAGENET_R_CLASSES = """
-n01443537 goldfish; n01484850 great_white_shark; n01494475 hammerhead; n01498041 stingray; n01514859 hen; n01518878
-ostrich; n01531178 goldfinch; n01534433 junco; n01614925 bald_eagle; n01616318 vulture; n01630670 common_newt;
-n01632777 axolotl; n01644373 tree_frog; n01677366 common_iguana; n01694178 African_chameleon; n01748264
-Indian_cobra; n01770393 scorpion; n01774750 tarantula; n01784675 centipede; n01806143 peacock; n01820546 lorikeet;
-n01833805 hummingbird; n01843383 toucan; n01847000 drake; n01855672 goose; n01860187 black_swan; n01882714 koala;
-n01910747 jellyfish; n01944390 snail; n01983481 American_lobster; n01986214 hermit_crab; n02007558 flamingo;
-n02009912 American_egret; n02051845 pelican; n02056570 king_penguin; n02066245 grey_whale; n02071294 killer_whale;
-n02077923 sea_lion; n02085620 Chihuahua; n02086240 Shih-Tzu; n02088094 Afghan_hound; n02088238 basset; n02088364
-beagle; n02088466 bloodhound; n02091032 Italian_greyhound; n02091134 whippet; n02092339 Weimaraner; n02094433
-Yorkshire_terrier; n02096585 Boston_bull; n02097298 Scotch_terrier; n02098286 West_Highland_white_terrier; n02099601
-golden_retriever; n02099712 Labrador_retriever; n02102318 cocker_spaniel; n02106030 collie; n02106166 Border_collie;
-n02106550 Rottweiler; n02106662 German_shepherd; n02108089 boxer; n02108915 French_bulldog; n02109525 Saint_Bernard;
-n02110185 Siberian_husky; n02110341 dalmatian; n02110958 pug; n02112018 Pomeranian; n02112137 chow; n02113023
-Pembroke; n02113624 toy_poodle; n02113799 standard_poodle; n02114367 timber_wolf; n02117135 hyena; n02119022
-red_fox; n02123045 tabby; n02128385 leopard; n02128757 snow_leopard; n02129165 lion; n02129604 tiger; n02130308
-cheetah; n02134084 ice_bear; n02138441 meerkat; n02165456 ladybug; n02190166 fly; n02206856 bee; n02219486 ant;
-n02226429 grasshopper; n02233338 cockroach; n02236044 mantis; n02268443 dragonfly; n02279972 monarch; n02317335
-starfish; n02325366 wood_rabbit; n02346627 porcupine; n02356798 fox_squirrel; n02363005 beaver; n02364673
-guinea_pig; n02391049 zebra; n02395406 hog; n02398521 hippopotamus; n02410509 bison; n02423022 gazelle; n02437616
-llama; n02445715 skunk; n02447366 badger; n02480495 orangutan; n02480855 gorilla; n02481823 chimpanzee; n02483362
-gibbon; n02486410 baboon; n02510455 giant_panda; n02526121 eel; n02607072 anemone_fish; n02655020 puffer; n02672831
-accordion; n02701002 ambulance; n02749479 assault_rifle; n02769748 backpack; n02793495 barn; n02797295 barrow;
-n02802426 basketball; n02808440 bathtub; n02814860 beacon; n02823750 beer_glass; n02841315 binoculars; n02843684
-birdhouse; n02883205 bow_tie; n02906734 broom; n02909870 bucket; n02939185 caldron; n02948072 candle; n02950826
-cannon; n02951358 canoe; n02966193 carousel; n02980441 castle; n02992529 cellular_telephone; n03124170 cowboy_hat;
-n03272010 electric_guitar; n03345487 fire_engine; n03372029 flute; n03424325 gasmask; n03452741 grand_piano;
-n03467068 guillotine; n03481172 hammer; n03494278 harmonica; n03495258 harp; n03498962 hatchet; n03594945 jeep;
-n03602883 joystick; n03630383 lab_coat; n03649909 lawn_mower; n03676483 lipstick; n03710193 mailbox; n03773504
-missile; n03775071 mitten; n03888257 parachute; n03930630 pickup; n03947888 pirate; n04086273 revolver; n04118538
-rugby_ball; n04133789 sandal; n04141076 sax; n04146614 school_bus; n04147183 schooner; n04192698 shield; n04254680
-soccer_ball; n04266014 space_shuttle; n04275548 spider_web; n04310018 steam_locomotive; n04325704 stole; n04347754
-submarine; n04389033 tank; n04409515 tennis_ball; n04465501 tractor; n04487394 trombone; n04522168 vase; n04536866
-violin; n04552348 warplane; n04591713 wine_bottle; n07614500 ice_cream; n07693725 bagel; n07695742 pretzel;
-n07697313 cheeseburger; n07697537 hotdog; n07714571 head_cabbage; n07714990 broccoli; n07718472 cucumber; n07720875
-bell_pepper; n07734744 mushroom; n07742313 Granny_Smith; n07745940 strawberry; n07749582 lemon; n07753275 pineapple;
-n07753592 banana; n07768694 pomegranate; n07873807 pizza; n07880968 burrito; n07920052 espresso; n09472597 volcano;
-n09835506 ballplayer; n10565667 scuba_diver; n12267677 acorn
+goldfish great_white_shark hammerhead stingray hen ostrich goldfinch junco bald_eagle vulture common_newt axolotl
+tree_frog common_iguana African_chameleon Indian_cobra scorpion tarantula centipede peacock lorikeet hummingbird
+toucan drake goose black_swan koala jellyfish snail American_lobster hermit_crab flamingo American_egret pelican
+king_penguin grey_whale killer_whale sea_lion Chihuahua Shih-Tzu Afghan_hound basset beagle bloodhound
+Italian_greyhound whippet Weimaraner Yorkshire_terrier Boston_bull Scotch_terrier West_Highland_white_terrier
+golden_retriever Labrador_retriever cocker_spaniel collie Border_collie Rottweiler German_shepherd boxer
+French_bulldog Saint_Bernard Siberian_husky dalmatian pug Pomeranian chow Pembroke toy_poodle standard_poodle
+timber_wolf hyena red_fox tabby leopard snow_leopard lion tiger cheetah ice_bear meerkat ladybug fly bee ant
+grasshopper cockroach mantis dragonfly monarch starfish wood_rabbit porcupine fox_squirrel beaver guinea_pig zebra
+hog hippopotamus bison gazelle llama skunk badger orangutan gorilla chimpanzee gibbon baboon giant_panda eel
+anemone_fish puffer accordion ambulance assault_rifle backpack barn barrow basketball bathtub beacon beer_glass
+binoculars birdhouse bow_tie broom bucket caldron candle cannon canoe carousel castle cellular_telephone cowboy_hat
+electric_guitar fire_engine flute gasmask grand_piano guillotine hammer harmonica harp hatchet jeep joystick
+lab_coat lawn_mower lipstick mailbox missile mitten parachute pickup pirate revolver rugby_ball sandal sax
+school_bus schooner shield soccer_ball space_shuttle spider_web steam_locomotive stole submarine tank tennis_ball
+tractor trombone vase violin warplane wine_bottle ice_cream bagel pretzel cheeseburger hotdog head_cabbage broccoli
+cucumber bell_pepper mushroom Granny_Smith strawberry lemon pineapple banana pomegranate pizza burrito espresso
+volcano ballplayer scuba_diver acorn
+"""
+VTAB_CLASSES = """
+airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church; circular farmland; cloud;
+banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked; crosshatched; crystalline; Abyssinian Cat;
+American Bulldog; American Pit Bull Terrier; Basset Hound; Beagle; Bengal Cat; Birman; Bombay Cat; Boxer Dog;
+British Shorthair Cat; AnnualCrop; Forest; HerbaceousVegetation; Highway; Industrial; Pasture; PermanentCrop;
+Residential; River; SeaLake; petunia; wild pansy; primula; sunflower; pelargonium; bishop of llandaff; gaura;
+geranium; orange dahlia; pink-yellow dahlia
 """
 CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32,
                   45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73,

@@ -906,3 +906,97 @@ def test_loader_workers_stay_alive_and_the_script_names_no_missing_files():
     source = (HERE / "mgclip.py").read_text()
     assert "METHOD.md" not in source and "class_orders.json" not in source and "_classes.tsv" not in source
     assert ".venv/" in (HERE / ".gitignore").read_text().split()
+
+
+# ---------------------------------------------------------------- the method block, copied alone into another project
+def method_block() -> str:
+    """The text between the BEGIN METHOD and END METHOD comment lines, behind the file's own imports."""
+    lines = (HERE / "mgclip.py").read_text().splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith("#") and "BEGIN METHOD" in line)
+    end = next(i for i, line in enumerate(lines) if line.startswith("#") and "END METHOD" in line)
+    imports = [line for line in lines[:begin] if line.startswith(("import ", "from "))]
+    assert begin < 150 and end > begin
+    return "\n".join(imports + lines[begin:end + 1]) + "\n"
+
+
+class EpochBatches:
+    """Plain re-iterable batches as another project would write them: epoch e reshuffled from seed * 1000 + e."""
+
+    def __init__(self, x, y, batch_size, seed=None):
+        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 1
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.arange(len(self.y))
+        if self.seed is not None:
+            order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]
+
+
+def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run):
+    copied = {"__name__": "copied"}
+    exec(compile(method_block(), "copied_method.py", "exec"), copied)
+    assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M"} & set(copied)
+    cfg = settings()
+    data = M.synthetic_benchmark(cfg)
+    clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)  # open_clip's CLIP class, seeded as the run
+    lora = copied["add_lora"](clip.model, rank=8, alpha=1.0)
+    tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
+    tasks = []
+    for t, classes in enumerate(M.split_tasks(20, 4)):
+        mine = (data.train.labels >= classes.start) & (data.train.labels < classes.stop)
+        seen = data.test.labels < classes.stop
+        x, y = clip.input(data.train.pixels[mine]), data.train.labels[mine]
+        test = EpochBatches(clip.input(data.test.pixels[seen]), data.test.labels[seen], 256)
+        tasks.append(copied["Task"](classes, EpochBatches(x, y, 16, seed=t + 1), EpochBatches(x, y, 256), test))
+    hp = copied["Hyper"](lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    states = copied["learn_tasks"](clip.model, lora, tokens, tasks, hp, report=lambda line: None)
+    first_two = [next(states), next(states)][-1]["rows"]
+    expected = [json.loads(line) for line in (synthetic_run[0] / "metrics.jsonl").read_text().splitlines()][:2]
+    for row in expected:
+        del row["seconds"]
+    assert first_two == expected  # bit for bit: accuracies, the gap before and after, the search, E*
+
+
+def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
+    clip = tiny_clip()
+    lora = M.add_lora(clip.model)
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter.", "a good photo of a miter."])
+    batches = tiny_batches(clip)  # labels 0, 1
+    one_shot = (b for b in batches)
+    with pytest.raises(TypeError, match="re-iterable"):
+        next(M.finetune(clip.model, lora, one_shot, tokens, range(0, 2), 1e-2, 2))
+    with pytest.raises(ValueError, match="class-order positions"):  # task 2 is classes 1..2, labels counted from 0
+        next(M.finetune(clip.model, lora, batches, tokens, range(1, 3), 1e-2, 1))
+    with pytest.raises(ValueError, match="class-order positions"):
+        M.train_visual_classifier(None, torch.randn(4, 64), torch.tensor([0, 1, 0, 1]), range(1, 3), 1e-3, 2, 1, 0)
+    with pytest.raises(TypeError, match="logit_scale.exp"):
+        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale)
+    with pytest.raises(ValueError, match="S-\\(0\\) is 0"):
+        M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-2, 2, 0.0, 0.1)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        M.add_lora(clip.model)
+    correct, count = torch.zeros(3, 2), torch.ones(2)
+    with pytest.raises(ValueError, match="one row"):
+        M.accuracy(correct, count, range(0, 2))
+    # whatever the classifier returns, evaluate normalises it: unnormalised and normalised rows give the same counts
+    feats, labels = M.image_features(clip.model, batches)
+    w = M.train_visual_classifier(None, feats, labels, range(0, 2), 1e-3, 4, 1, 0)
+    text = M.text_features(clip.model, tokens[:2])
+    raw = M.evaluate(clip.model, batches, text, 5 * w)
+    unit = M.evaluate(clip.model, batches, text, torch.nn.functional.normalize(w, dim=-1))
+    assert torch.equal(raw[0], unit[0]) and not torch.allclose(w.norm(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError, match="rows for 3 seen classes"):
+        M.evaluate(clip.model, batches, M.text_features(clip.model, tokens), w)
+
+
+def test_a_tower_that_lora_cannot_reach_is_refused():
+    import open_clip
+    resnet = open_clip.create_model("RN50", pretrained=None)
+    with pytest.raises(ValueError, match="image tower"):
+        M.add_lora(resnet)
+    message = fail(["--dataset", "synthetic", "--model", "RN50", "--pretrained", "none", "--epochs", "1"])
+    assert "--model RN50" in message and "image tower" in message

@@ -648,13 +648,17 @@ def test_training_batches_reshuffle_every_pass_and_match_the_seed():
 
 def test_speed_script_times_against_the_bare_tower(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "benchmarks" / "speed.py"), "--model", "tiny", "--device", "cpu",
-                        "--batch-size", "8", "--eval-batch-size", "16", "--repeats", "2", "--out",
-                        str(tmp_path / "speed.json")], capture_output=True, text=True, timeout=120)
+                        "--batch-size", "8", "--eval-batch-size", "16", "--repeats", "2", "--loader-workers", "0", "1",
+                        "--loader-images", "8", "--out", str(tmp_path / "speed.json")], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert all(speed[k] > 0 for k in ("bare_train", "train", "bare_eval", "eval"))
     assert speed["train_cost_ratio"] == pytest.approx(speed["bare_train"] / speed["train"], rel=0.02)
     assert speed["precision"] == "tf32"
+    assert [(r["source"], r["workers"]) for r in speed["loader"]] == [
+        ("cifar-32px-uint8", 0), ("cifar-32px-uint8", 1), ("jpeg-500x375", 0), ("jpeg-500x375", 1)]
+    assert all(r["images_per_second"] > 0 for r in speed["loader"])
     for flags, named in ((["--repeats", "0"], "--repeats: must be at least 1"), (["--model", "ViT-X-99"], "--model"),
                          (["--out", str(tmp_path / "no" / "s.json")], "its folder does not exist")):
         r = subprocess.run([sys.executable, str(HERE / "benchmarks" / "speed.py"), "--model", "tiny", *flags],
@@ -1000,3 +1004,35 @@ def test_a_tower_that_lora_cannot_reach_is_refused():
         M.add_lora(resnet)
     message = fail(["--dataset", "synthetic", "--model", "RN50", "--pretrained", "none", "--epochs", "1"])
     assert "--model RN50" in message and "image tower" in message
+
+
+def test_each_image_is_decoded_once_per_pass_by_workers_that_start_once(tmp_path, monkeypatch):
+    """Counted in the workers themselves: every PIL.Image.open appends its process id to a file."""
+    root = write_folder_dataset(tmp_path / "d", [f"c{i}" for i in range(10)], train=3, test=2)
+    opened, real_open = tmp_path / "opened.txt", PIL.Image.open
+
+    def counting_open(path, *args, **kwargs):
+        with open(opened, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    M.run(M.parse_settings(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2",
+                            "--epochs", "1", "--workers", "2", "--out", str(tmp_path / "out")]))
+    pids = opened.read_text().split()
+    # per task: S+ / S- before, one epoch, features after (15 training images each), then every seen test image
+    assert len(pids) == (3 * 15 + 10) + (3 * 15 + 20)
+    assert os.getpid() not in map(int, pids) and len(set(pids)) <= 4  # 2 workers for each split, for the whole run
+
+
+def test_gpu_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
+    """benchmarks/gpu.sh is for a lent GPU and 15 minutes of it: its CPU mode proves every part before that."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    r = subprocess.run(["bash", str(HERE / "benchmarks" / "gpu.sh"), "--cpu-smoke", str(tmp_path / "g")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert all(part["status"] == "ok" for part in results["parts"].values())
+    for kind in ("speed", "timing", "search"):
+        assert sorted(results[kind]) == ["bf16", "fp32", "tf32"]
+    assert results["search"]["fp32"]["epochs_star"] >= 1 and results["speed"]["fp32"]["loader"]
+    assert "| tf32 vs fp32 | bf16 vs fp32 |" in (tmp_path / "g" / "table.md").read_text()

@@ -2,17 +2,24 @@
 
     python benchmarks/speed.py --model ViT-B-16 --batch-size 128 --eval-batch-size 256 --device cuda
     python benchmarks/speed.py --model tiny --batch-size 128 --eval-batch-size 256          # a CPU smoke test
+    python benchmarks/speed.py --model tiny --device cpu --loader-workers 0 1 2             # the loader alone
 
 The cost ratio is our time per image over the bare tower's: forward+backward into LoRA for training (our step adds
 the text tower on the task's 10 prompts and the loss), forward for evaluation (ours adds both branches' scores).
+The loader figure is the images/s that mgclip's loader delivers to the device, decoded and resized to 224 as open_clip
+does, from CIFAR-sized uint8 images in memory and from JPEG files (500 x 375, ImageNet's typical size), per number of
+worker processes (the second pass: the workers are started by then, as in every pass of a run but the first).
 Prints one JSON object and, with --out FILE, writes it there.
 """
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
 
@@ -49,14 +56,58 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | ...")
     p.add_argument("--precision", default="tf32", choices=["tf32", "fp32", "bf16"], help="as mgclip.py --precision")
     p.add_argument("--repeats", type=positive, default=5, help="timed calls per measurement")
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[0, 1, 2, 4, 8],
+                   help="worker counts for the loader figure (none: skip it)")
+    p.add_argument("--loader-images", type=positive, default=512, help="images per loader pass")
     p.add_argument("--out", help="also write the JSON to this file")
     args = p.parse_args(argv)
     if args.out and not Path(args.out).resolve().parent.is_dir():
         p.error(f"--out {args.out}: its folder does not exist")
     try:
-        return measure(args)
+        speed = measure(args)
     except M.UserError as e:
         p.exit(1, f"speed.py: error: {e}\n")
+    print(json.dumps(speed, indent=2))
+    if args.out:
+        try:
+            Path(args.out).write_text(json.dumps(speed, indent=2))
+        except OSError as e:
+            p.exit(1, f"speed.py: error: cannot write --out {args.out} ({e.strerror}); the figures are above\n")
+    return speed
+
+
+def loader_speed(clip, split, workers: int, batch_size: int) -> tuple[int, float]:
+    """The worker processes mgclip's loader uses for `split` (at most the cores) and the images/s of its second pass
+    (decoded, resized to 224 and on the device)."""
+    feed = M.Feed(split, clip, {}, workers, progress=False)
+    batches = feed.batches(range(0, 1), batch_size, "loader")
+    for _ in batches:  # the first pass starts the workers
+        pass
+    first_seconds, first_images = feed.clock["loader"]
+    for _ in batches:
+        pass
+    seconds, images = feed.clock["loader"]
+    return feed.loader.num_workers, (images - first_images) / (seconds - first_seconds)
+
+
+def loader_figures(clip, args) -> list[dict]:
+    """The loader figure, per worker count: CIFAR-sized uint8 images in memory, and JPEG files of 500 x 375."""
+    n, g = args.loader_images, torch.Generator().manual_seed(0)
+    labels = torch.zeros(n, dtype=torch.long)
+    cifar = M.Split(labels, torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), size=224)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        files = [os.path.join(folder, f"{i}.jpg") for i in range(n)]
+        for path in files:  # smooth colour fields with a little noise: about the size of a photo's JPEG
+            x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(375, 500), mode="bilinear")[0]
+            x = ((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
+            PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).save(path, quality=90)
+        for source, split in (("cifar-32px-uint8", cifar), ("jpeg-500x375", M.Split(labels, files=files, size=224))):
+            for workers in args.loader_workers:
+                used, speed = loader_speed(clip, split, workers, args.eval_batch_size)
+                if not any(r["source"] == source and r["workers"] == used for r in rows):
+                    rows.append(dict(source=source, workers=used, images_per_second=round(speed, 1)))
+    return rows
 
 
 def measure(args) -> dict:
@@ -98,9 +149,8 @@ def measure(args) -> dict:
                  eval_cost_ratio=speed["bare_eval"] / speed["eval"],
                  peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     speed = {k: round(v, 3) if isinstance(v, float) else v for k, v in speed.items()}
-    print(json.dumps(speed, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(speed, indent=2))
+    if args.loader_workers:
+        speed["loader"] = loader_figures(clip, args)
     return speed
 
 

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# ViT-B/16 in fp32, tf32 and bf16 on one NVIDIA GPU, in one call of at most 7.5 minutes, ending in one table
+# (issue #19). Made for a GPU machine with no network, whose Python has torch and torchvision but not open_clip.
+#
+#   bash benchmarks/gpu.sh OUTDIR               # on the GPU machine: OUTDIR must be new or empty
+#   bash benchmarks/gpu.sh --cpu-smoke OUTDIR   # the same steps, shrunk to the tiny CLIP on a CPU (~25 s)
+#
+# It runs, each part under its own `timeout`:
+#   1. the wheels in .whl/ (if any) installed into /tmp/site, and OUTDIR/env.json: nvidia-smi, torch, CUDA, open_clip
+#   2. benchmarks/speed.py in each precision              -> OUTDIR/speed-P.json
+#   3. mgclip.py on a synthetic CIFAR-100-shaped benchmark -> OUTDIR/timing-P/ (1 epoch a task: the phases' images/s)
+#   4. the same with the epoch search, smaller             -> OUTDIR/search-P/ (E*, S+ / S- per precision)
+#   5. benchmarks/gpu_table.py: the table on stdout and in OUTDIR/table.md, everything in OUTDIR/results.json, the
+#      end of every part's log in OUTDIR/logs.txt: where only a few files can be brought back, these three do
+# A part that fails or runs out of time is marked so in the table, and the next part runs. Exit status: 0 when
+# every part finished, 1 when some did not (the table still has the rest) or when nothing could be measured, 2 for
+# a wrong command line; the last stderr line then says why.
+#
+# Before the call, HERE (a machine with network), fill .whl/ once with the packages the GPU machine lacks, at the
+# versions that pass this project's tests (Python 3.12 on x86_64 there; all three are pure-Python wheels):
+#   mkdir -p .git/info; echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform any -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0
+# and name it in the device call: carry [".whl"]. .whl/ is ignored by git: it is never committed.
+#
+# Sizing (why the runs are smaller than CIFAR-100). ViT-B/16 costs 17.6 G multiply-adds, i.e.
+# 35 GFLOP, per 224 px image forward (17.6 "GFLOP" is timm's count, which counts multiply-adds); a LoRA training
+# step is ~2.2 forwards (gradients of all activations, plus the q/k/v weight gradient that LoRA's B @ A needs).
+# Assumed: 20 TFLOP/s in fp32 (40% of ~50) -> 570 forward and 260 training images/s; tf32 and bf16 3x that
+# -> 1700 and 770; 10 s to start each process (imports, CUDA, model) and 0.4 s to start each loader's 8 workers
+# (4 loaders a task). CIFAR-100's own 500 training + 100 test images per class in 10 tasks would take ~450 s in
+# fp32 alone, so both runs keep CIFAR-100's 100 classes of 32 px images (resized to 224 in the loader workers) and its
+# batch sizes, but in 5 tasks of 20 classes and with fewer images (fewer tasks: each loader start serves more
+# images, so the phases' images/s are less start-up):
+#   part         images (forward / training)                       fp32    tf32, bf16 (each)   slot (fp32, others)
+#   speed.py     2 x 6 x 256 / 2 x 6 x 128, fp32 + loader figure   41 s    14 s                55 s, 25 s
+#   timing       40 train + 10 test per class, 1 epoch:            53 s    30 s                65 s, 45 s
+#                gap 4000 + features 4000 + eval 200 x (1+..+5) = 11000 / 4000
+#   search       16 train + 8 test per class, --max-epochs 3:      39 s    26 s                55 s, 40 s
+#                E* = 1 (probe 2 epochs, retrain): 6240 / 2240;
+#                worst, E* = 3 kept: 6560 / 4800                    49 s    29 s
+#   install 5 s, env 10 s, table 2 s                                                           15 s, 25 s, 15 s
+# Estimated ~290 s in all (~305 s at worst); the slots add up to 450 s (checked below: at most 450). A part may
+# use its own slot and what the parts before it left unused, never the slots of the parts after it; a part whose
+# limit would fall under 5 s is skipped (shown so in the table).
+set -uo pipefail  # no -e: a part that fails is recorded and the script goes on
+
+die() {
+    echo "gpu.sh: $*" >&2
+    exit 1
+}
+
+usage() {
+    echo "usage: bash benchmarks/gpu.sh [--cpu-smoke] OUTDIR  (OUTDIR new or empty)" >&2
+    exit 2
+}
+
+smoke=0
+if [[ "${1:-}" == "--cpu-smoke" ]]; then
+    smoke=1
+    shift
+fi
+[[ $# -eq 1 && -n "$1" && "$1" != -* ]] || usage
+out=$(realpath -m -- "$1")
+# mgclip.py continues or refuses a run in a folder it has used before: old results would be mixed in
+if [[ -e "$out" && -n "$(ls -A -- "$out" 2>/dev/null)" ]]; then
+    echo "gpu.sh: $out is not empty; give a new or empty OUTDIR" >&2
+    exit 2
+fi
+mkdir -p -- "$out/logs" || die "cannot create $out"
+cd "$(dirname -- "$(realpath -- "$0")")/.." || die "cannot enter the repository"
+
+# `python` from PATH: the GPU machine's own environment (some only name it python3)
+py=python
+command -v python >/dev/null 2>&1 || py=python3
+command -v "$py" >/dev/null 2>&1 || die "neither python nor python3 is on PATH"
+command -v timeout >/dev/null 2>&1 || die "timeout (coreutils) is not on PATH"
+
+precisions=(fp32 tf32 bf16)
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # no network there; logs written as they happen
+
+if (( smoke )); then
+    speed_args=(--model tiny --batch-size 16 --eval-batch-size 32 --device cpu --repeats 1)
+    loader_args=(--loader-workers 0 1 --loader-images 16)
+    run_args=(--model tiny --syn-classes 10 --device cpu)
+    timing_args=(--syn-train 8 --syn-test 4 --tasks 2 --epochs 1)
+    search_args=(--syn-train 8 --syn-test 4 --tasks 2 --max-epochs 3)
+    # one thread: fast on 2 busy cores, and the same numbers on every run
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    # each only a bound for a hung part: a part takes ~6 s, ~15 s on a machine busy with another test run
+    declare -A slot=([env]=60 [table]=60)
+    for p in "${precisions[@]}"; do
+        slot[speed-$p]=60
+        slot[timing-$p]=60
+        slot[search-$p]=60
+    done
+else
+    speed_args=(--model ViT-B-16 --batch-size 128 --eval-batch-size 256 --device cuda)
+    # the loader figure does not depend on the precision: measured once, in the fp32 part (~20 s on 16 cores)
+    loader_args=(--loader-workers 0 2 4 8 16 --loader-images 512)
+    run_args=(--model ViT-B-16 --syn-classes 100 --device cuda)
+    timing_args=(--syn-train 40 --syn-test 10 --tasks 5 --epochs 1)
+    search_args=(--syn-train 16 --syn-test 8 --tasks 5 --max-epochs 3)
+    # seconds; the sizing above says where they come from
+    declare -A slot=(
+        [install]=15 [env]=25 [table]=15
+        [speed-fp32]=55 [speed-tf32]=25 [speed-bf16]=25
+        [timing-fp32]=65 [timing-tf32]=45 [timing-bf16]=45
+        [search-fp32]=55 [search-tf32]=40 [search-bf16]=40
+    )
+    # 8 minutes less 30 s for the last part's kill grace and the caller's copying
+    total=0
+    for name in "${!slot[@]}"; do
+        total=$(( total + slot[$name] ))
+    done
+    (( total <= 450 )) || die "the slots add up to ${total} s, over the 450 s budget: shrink a slot"
+fi
+# what every mgclip.py run shares, in both modes (tiny takes --pretrained none too)
+run_args+=(--dataset synthetic --pretrained none --syn-size 32 --batch-size 128 --vis-batch-size 64 --workers 8)
+
+# Time in milliseconds since the start (EPOCHREALTIME: bash 5; its separator follows the locale, hence the strip)
+[[ -n "${EPOCHREALTIME:-}" ]] || die "needs bash 5 or newer (EPOCHREALTIME)"
+now_ms() {
+    local us=${EPOCHREALTIME//[!0-9]/}
+    echo $(( us / 1000 - start_ms ))
+}
+start_ms=0
+start_ms=$(now_ms)
+deadline_ms=0  # when the running part must end: the sum of its slot and all the slots before it
+
+# last_line FILE: its last line that is not blank, cut to 200 characters
+last_line() {
+    grep -v '^[[:space:]]*$' "$1" | tail -n 1 | cut -c 1-200
+}
+
+# part NAME COMMAND...: runs COMMAND under timeout until NAME's deadline, output in logs/NAME.log, one line in
+# parts.tsv (name, status, exit code, seconds, limit, command) and one progress line; fails unless it finished
+part() {
+    local name=$1
+    shift
+    local begin limit rc ms status
+    begin=$(now_ms)
+    if (( smoke )); then
+        limit=${slot[$name]}  # parts run side by side (below): the slot only bounds a hung one
+    else
+        deadline_ms=$(( deadline_ms + slot[$name] * 1000 ))
+        limit=$(( (deadline_ms - begin) / 1000 ))
+    fi
+    if (( limit < 5 )); then
+        printf '%s\tskipped (no time left)\t\t0\t%s\t%s\n' "$name" "$limit" "$*" >>"$out/parts.tsv"
+        printf '[%4d s] %-12s skipped (no time left)\n' $(( begin / 1000 )) "$name"
+        return 1
+    fi
+    # timeout signals the whole process group, so loader workers go too; KILL 5 s later if TERM did not do it
+    timeout --kill-after=5 "$limit" "$@" </dev/null >"$out/logs/$name.log" 2>&1
+    rc=$?
+    ms=$(( $(now_ms) - begin ))
+    if (( rc == 0 )); then
+        status=ok
+    elif (( (rc == 124 || rc == 137) && ms >= limit * 1000 )); then
+        status="timed out"
+    else
+        status="failed (exit $rc)"
+    fi
+    printf '%s\t%s\t%s\t%d.%d\t%s\t%s\n' "$name" "$status" "$rc" $(( ms / 1000 )) $(( ms % 1000 / 100 )) \
+        "$limit" "$*" >>"$out/parts.tsv"
+    printf '[%4d s] %-12s %s in %d s (limit %d s)\n' $(( begin / 1000 )) "$name" "$status" $(( ms / 1000 )) "$limit"
+    if [[ $status != ok ]]; then
+        # the reason, as the part's own last line (mgclip.py and speed.py end a failure with one line)
+        echo "         $(last_line "$out/logs/$name.log")"
+        return 1
+    fi
+}
+
+if (( smoke )); then
+    echo "gpu.sh: CPU smoke test, tiny CLIP -> $out"
+else
+    echo "gpu.sh: ViT-B-16 on CUDA -> $out"
+fi
+
+# 1. The missing packages, from the wheels carried along; not in the smoke test, which tests this environment
+shopt -s nullglob
+wheels=(.whl/*.whl)
+if (( ! smoke && ${#wheels[@]} > 0 )); then
+    part install "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --disable-pip-version-check \
+        --target /tmp/site "${wheels[@]}" \
+        || die "the wheels in .whl/ did not install: $(last_line "$out/logs/install.log")"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+require=()
+(( smoke )) || require=(--require-cuda)
+part env "$py" benchmarks/gpu_table.py env "$out" "${require[@]}" \
+    || die "$(last_line "$out/logs/env.log")"
+
+# measure KIND P: one part of steps 2-4
+measure() {
+    local kind=$1 p=$2
+    case $kind in
+        speed)
+            local loader=(--loader-workers)  # none: no loader figure
+            [[ $p == fp32 ]] && loader=("${loader_args[@]}")
+            part "speed-$p" "$py" benchmarks/speed.py "${speed_args[@]}" "${loader[@]}" --precision "$p" \
+                --out "$out/speed-$p.json"
+            ;;
+        timing)
+            part "timing-$p" "$py" mgclip.py "${run_args[@]}" "${timing_args[@]}" --precision "$p" \
+                --out "$out/timing-$p"
+            ;;
+        search)
+            part "search-$p" "$py" mgclip.py "${run_args[@]}" "${search_args[@]}" --precision "$p" \
+                --out "$out/search-$p"
+            ;;
+    esac
+}
+
+# 2-4. By kind, so that every precision has its speed.py figures before the long runs start. One at a time on the
+# GPU, or they would time each other; the smoke test runs a kind's three side by side, since each process spends
+# ~4 s importing torch on one core and the test checks the script, not the speed (~25 s instead of ~45 s on 2 cores).
+for kind in speed timing search; do
+    for p in "${precisions[@]}"; do
+        if (( smoke )); then
+            measure "$kind" "$p" &
+        else
+            measure "$kind" "$p"
+        fi
+    done
+    wait
+done
+
+# 5. The table, and the logs' ends in one file
+for log in "$out"/logs/*.log; do
+    echo "===== $(basename "$log")"
+    tail -n 60 "$log"
+done >"$out/logs.txt"
+part table "$py" benchmarks/gpu_table.py table "$out" || die "no table: $(last_line "$out/logs/table.log")"
+echo
+cat "$out/table.md"
+
+unfinished=$(awk -F '\t' '$2 != "ok" {printf "%s%s %s", sep, $1, $2; sep = ", "}' "$out/parts.tsv")
+[[ -z "$unfinished" ]] || die "not every part finished ($unfinished); the table has the rest: $out/table.md"
+echo "gpu.sh: done in $(( $(now_ms) / 1000 )) s: $out/table.md, $out/results.json"

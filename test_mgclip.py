@@ -1036,3 +1036,76 @@ def test_gpu_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
         assert sorted(results[kind]) == ["bf16", "fp32", "tf32"]
     assert results["search"]["fp32"]["epochs_star"] >= 1 and results["speed"]["fp32"]["loader"]
     assert "| tf32 vs fp32 | bf16 vs fp32 |" in (tmp_path / "g" / "table.md").read_text()
+
+
+# ---------------------------------------------------------------- VTAB, and a run that records what it was
+def test_vtab_is_fifty_folders_in_imagefolder_order_with_the_authors_names(tmp_path):
+    names = [n.strip() for n in M.VTAB_CLASSES.split(";")]
+    assert len(names) == 50 and names[:3] == ["airplane", "airport", "baseball diamond"]
+    assert names[-1] == "pink-yellow dahlia" and names[20] == "Abyssinian Cat" and names[30] == "AnnualCrop"
+    folders = [f"{k:02d}_{n.replace(' ', '_')}" for k, n in enumerate(names)]  # any names; sorted as ImageFolder
+    for k, f in enumerate(folders):
+        write_images(tmp_path / "vtab" / "train" / f, 2, size=(8, 8), seed=k)
+        write_images(tmp_path / "vtab" / "test" / f, 1, size=(8, 8), seed=k, noise_seed=1)
+    cfg = M.parse_settings(["--dataset", "vtab", "--model", "tiny", "--data-root", str(tmp_path / "vtab"), "--epochs",
+                            "1", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert (cfg.tasks, cfg.lr, cfg.batch_size, cfg.vis_lr) == (5, 1e-3, 128, 5e-4)  # the CIFAR-100 settings
+    s = M.run(cfg)
+    assert s["classnames"] == names and s["class_order"] == list(range(50)) and len(s["acc"]) == 5
+    assert [g["task"] for g in s["gap"]] == [1, 2, 3, 4, 5]
+    (tmp_path / "vtab" / "train" / folders[0]).rename(tmp_path / "vtab" / "elsewhere")
+    (tmp_path / "vtab" / "test" / folders[0]).rename(tmp_path / "vtab" / "elsewhere2")
+    assert "holds 49 class folders; --dataset vtab has 50" in fail(
+        ["--dataset", "vtab", "--model", "tiny", "--data-root", str(tmp_path / "vtab"), "--out", str(tmp_path / "o")])
+
+
+def test_a_run_records_its_settings_at_once_and_its_versions_and_times_at_the_end(tmp_path, monkeypatch):
+    import re
+    out = tmp_path / "run"
+    monkeypatch.setenv("MGCLIP_STOP_AFTER_TASK", "1")
+    fail(["--dataset", "synthetic", "--epochs", "1", "--tasks", "2", "--out", str(out)], code=130,
+         start="mgclip: interrupted")
+    started = json.loads((out / "settings.json").read_text())  # there before the run ends, or if it never does
+    assert started["settings"]["lr"] == 1e-2 and started["settings"]["batch_size"] == 16
+    assert started["run"]["torch"] == torch.__version__ and started["run"]["python"] and started["run"]["host"]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in (out / "log.txt").read_text().splitlines()
+               if not line.startswith("mgclip: "))
+    monkeypatch.delenv("MGCLIP_STOP_AFTER_TASK")
+    M.main(["--resume", str(out / "checkpoint.pt")])  # the checkpoint file works as well as its folder
+    s = json.loads((out / "summary.json").read_text())
+    assert s["run"]["open_clip"] and "command" in s["run"] and s["seconds_total"] > 0
+    assert len(s["seconds_per_task"]) == 2 and all(t > 0 for t in s["seconds_per_task"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["seconds"] > 0 for row in rows] == [True, True]
+
+
+def test_a_resume_on_other_data_is_refused_and_zero_shot_can_be_added_to_a_finished_run(tmp_path, monkeypatch):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=2, test=1)
+    argv = ["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2", "--epochs", "1",
+            "--workers", "0", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("MGCLIP_STOP_AFTER_TASK", "1")
+    fail(argv, code=130, start="mgclip: interrupted")
+    monkeypatch.delenv("MGCLIP_STOP_AFTER_TASK")
+    write_images(tmp_path / "other" / "train" / "c0", 3)  # other data: one more image of class c0
+    for c in ("c1", "c2", "c3"):
+        write_images(tmp_path / "other" / "train" / c, 2)
+    for c in ("c0", "c1", "c2", "c3"):
+        write_images(tmp_path / "other" / "val" / c, 1)
+    message = fail(["--resume", str(tmp_path / "run"), "--data-root", str(tmp_path / "other")])
+    assert "other data (train_images differ)" in message and "--data-root" in message
+    M.main(["--resume", str(tmp_path / "run")])
+    finished = json.loads((tmp_path / "run" / "summary.json").read_text())
+    M.main(["--resume", str(tmp_path / "run"), "--zeroshot-eval", "folder", "--zeroshot-root", str(root)])
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["zeroshot"]["after"] == pytest.approx(again["acc_text"][-1]) and again["acc"] == finished["acc"]
+
+
+def test_a_refusal_names_every_setting_that_differs_as_typed(tmp_path, monkeypatch):
+    argv = ["--dataset", "synthetic", "--epochs", "1", "--tasks", "2", "--out", str(tmp_path / "run")]
+    monkeypatch.setenv("MGCLIP_STOP_AFTER_TASK", "1")
+    fail(argv, code=130, start="mgclip: interrupted")
+    message = fail(argv[:2] + ["--tasks", "4", "--no-compensation", "--out", str(tmp_path / "run")])
+    assert "--epochs default (the run: --epochs 1)" in message and "--tasks 4 (the run: --tasks 2)" in message
+    assert "--no-compensation (the run: without --no-compensation)" in message and "None" not in message
+    assert M.parse_settings(["--dataset", "synthetic", "--model", "tiny"]).out != \
+        M.parse_settings(["--dataset", "synthetic", "--model", "ViT-B-32"]).out  # a smoke test and the real run

@@ -1,18 +1,19 @@
 """MG-CLIP in one file: "Mind the Gap: Preserving and Compensating for the Modality Gap in CLIP-Based Continual
 Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task, without replay:
 
-    add LoRA (B = 0) to W_k, W_v of every attention block of both towers; freeze the rest     add_lora
-    for task t = 1..T, with only task t's training images:                                    learn_tasks
-        S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts      measure_gap
-        t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch    search_epochs
-            e where S- drifts by more than alpha = 10% from the pre-trained S-(0),
-            E* = max(e - 1, 1), for every task; task 1 restarts from the untouched LoRA
-        fine-tune LoRA for E* epochs: cross-entropy of s cos(v, t_c) over task t's classes    finetune_lora
-        S+ / S- after; image features v of task t's training images                          measure_gap
-        gap compensation: cosine-classifier rows for task t's classes start at their class  train_visual_classifier
+    add LoRA (B = 0) to W_k, W_v of every attention block of both towers; freeze the rest   add_lora
+    for task t = 1..T, with only task t's training images:                                  learn_tasks, learn_task
+        S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts    measure_gap
+        t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch  search_epochs
+            e where S- drifts by more than alpha = 10% from the pre-trained S-(0), E* =
+            max(e - 1, 1) for every task, and task 1 restarts from the untouched LoRA (if no
+            epoch drifts, E* = 10 and the probe is the training)
+        fine-tune LoRA for E* epochs: cross-entropy of s cos(v, t_c) over task t's classes  finetune
+        image features v of task t's training images; S+ / S- after                       image_features, modality_gap
+        gap compensation: cosine-classifier rows for task t's classes start at their class train_visual_classifier
             means of v and train on v; the rows of earlier tasks stay as they are
         predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  predict, evaluate
-    Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting          continual_metrics
+    Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting        continual_metrics
 
 Labels are class-order positions throughout: the classes stand in a fixed order, task t holds positions
 range(first, last + 1), and the prompt of the class at position c is tokens[c].
@@ -27,6 +28,7 @@ data, the settings and command line, running it (loaders, checkpoints, logs, mai
 README.md, Performance.
 """
 import argparse
+import collections
 import collections.abc
 import dataclasses
 import importlib.metadata
@@ -36,6 +38,7 @@ import math
 import os
 import pickle
 import platform
+import signal
 import subprocess
 import sys
 import textwrap
@@ -121,7 +124,7 @@ def forward_context(device: torch.device, amp: torch.dtype | None):
         yield
 
 
-def reiterable(batches):
+def check_reiterable(batches):
     """Refuse a one-shot iterator: after one epoch a generator is empty, and later epochs would train on nothing."""
     if isinstance(batches, collections.abc.Iterator):
         raise TypeError("batches must be re-iterable (a list, a DataLoader), not an iterator or a generator")
@@ -162,6 +165,8 @@ def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
         raise TypeError("scale is s = model.logit_scale.exp(), not model.logit_scale (which holds log s)")
     v = F.normalize(image_feats.float(), dim=-1)
     t = F.normalize(text_feats.float(), dim=-1)
+    if labels.min() < 0 or labels.max() >= len(t):
+        raise ValueError(f"labels must index the {len(t)} prompts: {LABEL_RULE}")
     pos = scale * (v * t[labels]).sum(-1)
     every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
     s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
@@ -176,13 +181,15 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
 
 
 # Fine-tuning LoRA, and gap preservation: how many epochs.
-LABELS = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
+LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
 
 
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
     """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
     over `epochs` to 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
-    reiterable(batches)
+    check_reiterable(batches)
+    if len(tokens) < classes.stop:
+        raise ValueError(f"tokens hold {len(tokens)} prompts; they need every class's up to {classes.stop - 1}")
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -194,7 +201,10 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
         loss_sum, first_bad, wrong, step = torch.zeros((), device=device), torch.full((), -1, device=device), 0, 0
         for step, (x, y) in enumerate(batches, 1):
             y = y - classes.start
-            wrong = wrong + ((y < 0) | (y >= len(classes))).sum()  # kept on the device: no host sync per step
+            outside = ((y < 0) | (y >= len(classes))).sum()
+            if step == 1 and outside:  # one host sync an epoch, before any step on wrong labels
+                raise ValueError(f"training labels fall outside classes {classes}: {LABEL_RULE}")
+            wrong = wrong + outside  # the other batches: counted on the device, no host sync per step
             with forward_context(device, amp):
                 v = model.encode_image(x)
                 t = model.encode_text(task_tokens)
@@ -207,23 +217,26 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
             loss_sum += loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         if int(wrong):
-            raise ValueError(f"{int(wrong)} training labels fall outside classes {classes}: {LABELS}")
+            raise ValueError(f"{int(wrong)} training labels fall outside classes {classes}: {LABEL_RULE}")
         if first_bad.item() >= 0:
-            raise FloatingPointError(f"epoch {epoch}, step {first_bad.item()}")
+            raise FloatingPointError(f"non-finite loss in epoch {epoch}, step {first_bad.item()}")
         yield epoch, loss_sum.item() / max(step, 1), schedule.get_last_lr()[0]
         schedule.step()
 
 
 # S- and not S+: S+ rises with any successful fine-tuning, while S- tracks how far the pre-trained image-text
-# geometry (the zero-shot knowledge) has moved. Only task 1 is searched: E* then serves every task, since later
-# tasks start from an already fine-tuned model whose S- has no pre-trained value of its own to preserve.
+# geometry (the zero-shot knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the
+# dataset and the lr, found once; a search per task would cost a probe and a retrain every task, and from task 2 on
+# S- would drift through the earlier tasks' training too.
 def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None, report=print):
     """Gap preservation: fine-tune (cosine over max_epochs) until the first epoch e where |S-(e) - S-(0)| / |S-(0)| >
-    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether to retrain, the trace per epoch."""
-    if s_minus_0 == 0:
-        raise ValueError("S-(0) is 0, so its relative drift is undefined; measure it on the pre-trained CLIP")
-    reiterable(feature_batches)
+    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether the caller must reset LoRA and
+    fine-tune E* epochs, and the trace (a dict per epoch)."""
+    if not s_minus_0 or math.isnan(s_minus_0):
+        raise ValueError(f"S-(0) is {s_minus_0}: its relative drift is undefined (measure it on the pre-trained CLIP; "
+                         f"a task needs 2 classes)")
+    check_reiterable(feature_batches)
     trace = []
     for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         gap = measure_gap(model, feature_batches, tokens[: classes.stop], amp)
@@ -231,8 +244,8 @@ def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: 
         trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap.s_plus, s_minus=gap.s_minus, drift=drift))
         report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap.s_minus:.3f}  "
                f"relative drift {drift:.3f} (alpha {alpha})")
-        if drift > alpha:  # the probe's cosine ran over max_epochs: the real E* epochs must start again (reset LoRA)
-            return max(epoch - 1, 1), True, trace
+        if drift > alpha:  # the probe has trained epoch e, already past the drift allowed, under a cosine over
+            return max(epoch - 1, 1), True, trace  # max_epochs: E* epochs (at least one) start again from B = 0
     return max_epochs, False, trace  # it ran them all: the probe is the real training
 
 
@@ -241,11 +254,15 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
                             seed: int) -> torch.Tensor:
     """Grow the classifier W (None at first, else one row per class before `classes`) by the task's rows and train
     them on cos(v, w_c) with cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr, no temperature,
-    as the authors). New rows start at the class means of v: the image-side prototypes that the text prompts, on the
-    far side of the modality gap, are not. Old rows stay as they are. Returns unnormalised rows."""
+    as the authors). The prompts sit across the modality gap from the images; the class means of v are prototypes on
+    the image side, so new rows start there. Old rows stay: no image of an old class is left to train them on.
+    Returns unnormalised rows."""
+    rows = 0 if classifier is None else len(classifier)
+    if rows != classes.start:
+        raise ValueError(f"the classifier needs one row per class before {classes.start} (None for task 1)")
     y = labels - classes.start
     if len(y) == 0 or y.min() < 0 or y.max() >= len(classes):
-        raise ValueError(f"the visual classifier's {LABELS}")
+        raise ValueError(f"the visual classifier's {LABEL_RULE}")
     sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
     new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
     opt = torch.optim.Adam([new], lr=lr)
@@ -265,7 +282,9 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
 
 def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
     """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    p_text = text_logits.float().softmax(-1).softmax(-1)  # double softmax, as in the authors' code
+    # the authors' double softmax, kept because the paper's numbers come from it: a softmax of probabilities in
+    # [0, 1] is nearly flat (at most e times apart), so the text branch mostly breaks the visual branch's ties
+    p_text = text_logits.float().softmax(-1).softmax(-1)
     p_vis = visual_logits.float().softmax(-1)
     return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
 
@@ -275,6 +294,8 @@ def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
 def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
     """Fused, text-only and visual-only predictions (3, B) of one batch from one image-tower pass: text_feats from
     text_features, the classifier's rows (normalised here; None: the text features serve) one per seen class."""
+    if classifier is not None and len(classifier) != len(text_feats):
+        raise ValueError(f"the classifier has {len(classifier)} rows for {len(text_feats)} seen classes; one per class")
     with forward_context(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
     w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
@@ -290,8 +311,6 @@ def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None
     counts (C,), over the seen classes C = len(text_feats)."""
     device = model.logit_scale.device
     seen = len(text_feats)
-    if classifier is not None and len(classifier) != seen:
-        raise ValueError(f"the classifier has {len(classifier)} rows for {seen} seen classes; it needs one per class")
     correct = torch.zeros(3, seen, device=device)
     count = torch.zeros(seen, device=device)
     wrong = 0
@@ -302,7 +321,7 @@ def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None
         correct.index_add_(1, y, (preds == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
     if int(wrong):
-        raise ValueError(f"{int(wrong)} test labels are not seen classes 0..{seen - 1}: {LABELS}")
+        raise ValueError(f"{int(wrong)} test labels are not seen classes 0..{seen - 1}: {LABEL_RULE}")
     return correct.cpu(), count.cpu()
 
 
@@ -346,13 +365,14 @@ class Hyper:
     visual_weight: float = 4.0
     preservation: bool = True  # the ablations: without gap preservation, without gap compensation
     compensation: bool = True
-    seed: int = 0  # task t's classifier shuffles with seed + t
+    seed: int = 42  # the visual classifier of task t (from 1) shuffles with seed + t
 
 
 @dataclass
 class Task:
-    """One task: its classes (positions) and re-iterable batches of its training images (train: one pass per epoch,
-    reshuffled by set_epoch(e) when it has one; features: any order) and of all seen classes' test images."""
+    """One task: its classes (positions) and re-iterable batches of (images, labels), the images as the model takes
+    them (open_clip's transform, on its device): its training images (train: a pass per epoch, reshuffled by
+    set_epoch(e) when it has one; features: any order) and the test images of every class seen so far."""
     classes: range
     train: typing.Iterable
     features: typing.Iterable
@@ -367,7 +387,7 @@ def learn_task(model, lora, initial, tokens, tasks: list[Task], t: int, epochs: 
     train, features = tasks[t].train, tasks[t].features
     seen_tokens = tokens[: classes.stop]
     report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
-    reiterable(features)
+    check_reiterable(features)
     with pretrained_clip(lora, initial):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
         before = measure_gap(model, features, seen_tokens, amp)
     row = dict(task=t + 1, classes=[classes.start, classes.stop])
@@ -406,6 +426,8 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
     E* (found on task 1, then kept), the visual classifier and LoRA (on the CPU); a yielded state given back as
     `state` continues after its last task."""
     initial = [p.detach().clone() for p in lora]  # B = 0: the pre-trained CLIP, for S-(0) and the reset
+    if state is None and any(m.B.any() for m in model.modules() if isinstance(m, LoRAKeyValue)):
+        raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
     if state is None:
         epochs = hp.epochs  # None until the search on task 1 sets it
         if epochs is None and not hp.preservation:
@@ -430,6 +452,15 @@ class UserError(ValueError):
     """A mistake in the command line or the data: reported as one line, never a traceback."""
 
 
+def read_text(path, fix: str) -> str:
+    """A text file's contents, or one line that names it, says what is wrong with it and what to do (`fix`)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+        raise UserError(f"cannot read {path} ({reason}); {fix}") from None
+
+
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
     """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
     if initial_increment:
@@ -438,10 +469,12 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
     else:
         sizes = [num_classes // max(tasks, 1)] * tasks
     if tasks < 1 or initial_increment > num_classes or sum(sizes) != num_classes or min(sizes) < 2:
-        works = " or ".join(str(d) for d in range(1, num_classes // 2 + 1) if num_classes % d == 0)
+        rest = num_classes - initial_increment if initial_increment else num_classes
+        first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
+        works = " or ".join(str(first + k) for k in range(1, rest // 2 + 1) if rest % k == 0)
         after = f" after --initial-increment {initial_increment}" if initial_increment else ""
         raise UserError(f"{num_classes} classes do not split into --tasks {tasks} of at least 2 classes each{after}; "
-                        f"use --tasks {works}, or another --initial-increment")
+                        f"use --tasks {works or 1}, or another --initial-increment")
     bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
@@ -449,14 +482,16 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
 def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
-        try:
-            order = [int(c) for c in Path(cfg.class_order).read_text().replace(",", " ").strip("[] \n").split()]
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read --class-order {cfg.class_order} ({type(e).__name__}); "
-                            f"give a file of class indices separated by spaces, commas or new lines") from None
-        if sorted(order) != list(range(num_classes)):
-            raise UserError(f"--class-order {cfg.class_order} must list each of the {num_classes} class indices "
-                            f"0..{num_classes - 1} exactly once")
+        rule = f"it must list each class index 0..{num_classes - 1} once, separated by spaces, commas or new lines"
+        tokens = read_text(cfg.class_order, rule).replace(",", " ").strip("[] \n").split()
+        bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
+        order = [int(t) for t in tokens] if bad is None else []
+        problem = f"'{bad}' is not a class index" if bad is not None else None
+        problem = problem or next((f"{c} is out of range" for c in order if not 0 <= c < num_classes), None)
+        problem = problem or next((f"{c} is listed twice" for k, c in enumerate(order) if c in order[:k]), None)
+        problem = problem or next((f"{c} is missing" for c in range(num_classes) if c not in order), None)
+        if problem:
+            raise UserError(f"--class-order {cfg.class_order}: {problem}; {rule}")
         return order
     if default is not None:
         return list(default)
@@ -552,8 +587,15 @@ def load_cifar100(cfg) -> Benchmark:
     where, splits = torch.argsort(torch.as_tensor(order)), []  # the position of each class id in the order
     for f in files[:2]:
         pixels, labels = unpickle(f, "data", "fine_labels")
-        splits.append(Split(where[torch.as_tensor(labels)], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
+        labels = torch.as_tensor(labels)
+        shape_ok = getattr(pixels, "shape", ())[1:] == (3072,) and len(labels) == len(pixels) > 0
+        if not shape_ok or labels.min() < 0 or labels.max() > 99:
+            raise UserError(f"{f} holds no CIFAR-100 images (3072 bytes and a label 0..99 each); delete it and "
+                            f"download again")
+        splits.append(Split(where[labels], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
     names = unpickle(files[2], "fine_label_names")[0]
+    if len(names) != 100:
+        raise UserError(f"{files[2]} names {len(names)} classes, CIFAR-100 has 100; delete it and download again")
     return Benchmark(*splits, [names[i] for i in order], order)
 
 
@@ -563,10 +605,17 @@ def load_food101(cfg) -> Benchmark:
     if not (meta / "test.json").is_file():
         download(cfg, "Food-101", meta / "test.json", "--zeroshot-root",
                  lambda: torchvision.datasets.Food101(cfg.data_root, split="test", download=True))
-    classes = (meta / "classes.txt").read_text().split()
-    listed = json.loads((meta / "test.json").read_text())  # {class: ["class/id", ...]}
+    fix = "point --zeroshot-root at the folder holding torchvision's food-101/"
+    classes = read_text(meta / "classes.txt", fix).split()
+    try:
+        listed = json.loads(read_text(meta / "test.json", fix))  # {class: ["class/id", ...]}
+    except json.JSONDecodeError:
+        raise UserError(f"{meta / 'test.json'} is not JSON; delete food-101/ to download it again, or {fix}") from None
     images = meta.parent / "images"
     files = [(str(images / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
+    missing = next((f for f, _ in files if not os.path.isfile(f)), None)  # found now, not after every task
+    if missing:
+        raise UserError(f"{missing}, listed in {meta / 'test.json'}, does not exist; {fix}")
     test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
     no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
     return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
@@ -636,6 +685,8 @@ def folder_classes(cfg, root: Path, test_dir: Path | None) -> tuple[list[str], l
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
     folders = class_folders(root if raw else root / "train")
+    if not folders:
+        raise UserError(f"no class folders in {root / 'train'}; expected {root}/train/<class>/ and {root}/val/<class>/")
     if not raw and not cfg.split_file and folders != class_folders(test_dir):
         differ = sorted(set(folders) ^ set(class_folders(test_dir)))
         raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
@@ -655,7 +706,7 @@ def folder_classes(cfg, root: Path, test_dir: Path | None) -> tuple[list[str], l
     names = [n.replace("_", " ") for n in folders]
     listed = root / "classnames.txt"
     if listed.is_file():
-        names = [n.strip() for n in listed.read_text().splitlines() if n.strip()]
+        names = [n.strip() for n in read_text(listed, "give one class name per line").splitlines() if n.strip()]
         if len(names) != len(folders):
             raise UserError(f"{listed} has {len(names)} names for {len(folders)} class folders; "
                             f"give one name per line in sorted folder order")
@@ -667,14 +718,11 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
     continuum's ('train/<wnid>/x.JPEG 0' lines; paths outside train/ are test images); labelled by class folder."""
     where, listed = {c: pos for pos, c in enumerate(classes)}, {"train": [], "test": []}
     for path in paths:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read --split-file {path} ({type(e).__name__})") from None
+        lines = read_text(path, "give the authors' --split-file lists").splitlines()
         section = None  # RAPF's lists name their sections; continuum's paths start with train/ or val/
         for line in filter(None, (line.strip() for line in lines)):
-            if line in ("train", "test"):
-                section = line
+            if line.lower() in ("train", "test"):
+                section = line.lower()
                 continue
             file = line.split()[0]
             listed[section or ("train" if file.startswith("train/") else "test")].append(root / file)
@@ -685,8 +733,13 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
                 raise UserError(f"{file}, listed in --split-file, does not exist; check --data-root")
             if file.parent.name not in where:
                 raise UserError(f"{file}, listed in --split-file, is in no class folder of --dataset")
-        if not files:
-            raise UserError(f"--split-file lists no {part} images; give the train and the test list")
+        twice = next((f for f, n in collections.Counter(files).items() if n > 1), None)
+        present = {f.parent.name for f in files}
+        empty = next((c for c in classes if c not in present), None)
+        if twice or empty:
+            problem = f"lists {twice} twice" if twice else f"lists no {part} image of class {empty}"
+            raise UserError(f"--split-file {problem}; give each image once, the train and the test list of the "
+                            f"dataset")
         files = sorted(files, key=lambda f: (where[f.parent.name], str(f)))
         splits.append(Split(torch.tensor([where[f.parent.name] for f in files]), files=[str(f) for f in files]))
     return splits[0], splits[1]
@@ -860,6 +913,7 @@ def parse_settings(argv=None) -> Settings:
             raise UserError(f"--resume {out} continues the run in its own folder; drop --out {typed['out']}")
         wanted, fix = typed, "drop those flags to continue that run, or start a new one with another --out"
     else:
+        check_typed(typed)
         cfg = with_defaults(Settings(**typed))
         if not (Path(cfg.out) / "checkpoint.pt").is_file():
             return cfg
@@ -884,6 +938,28 @@ def as_typed(key: str, value) -> str:
     if isinstance(value, bool):
         return f"--no-{flag[2:]}" if not value else f"without --no-{flag[2:]}"
     return f"{flag} {'default' if value is None else value}"
+
+
+def check_typed(typed: dict):
+    """Refuse a flag that cannot act in this run: a run must never end as if it had."""
+    dataset, idle = typed.get("dataset", "cifar100"), {}
+    if not typed.get("compensation", True):
+        idle.update(dict.fromkeys(("vis_lr", "vis_batch_size", "vis_epochs", "visual_weight"),
+                                  "--no-compensation trains no visual classifier"))
+    if "epochs" in typed or not typed.get("preservation", True):
+        idle["alpha"] = "no epoch search runs with --epochs or --no-preservation"
+    if "epochs" in typed:
+        idle["max_epochs"] = "--epochs skips the epoch search"
+    if dataset != "synthetic":
+        idle.update(dict.fromkeys(("syn_classes", "syn_train", "syn_test", "syn_size"), f"--dataset is {dataset}"))
+    if "zeroshot_eval" not in typed:
+        idle["zeroshot_root"] = "it is the folder of --zeroshot-eval's data, and no --zeroshot-eval is given"
+    key = next((key for key in typed if key in idle), None)
+    if key:
+        raise UserError(f"--{key.replace('_', '-')} cannot act: {idle[key]}; drop it")
+    if typed.get("zeroshot_eval", "synthetic") != "synthetic" and "zeroshot_root" not in typed:
+        raise UserError(f"--zeroshot-eval {typed['zeroshot_eval']} needs --zeroshot-root DIR, the folder of its data "
+                        f"(Food-101 is downloaded there when missing)")
 
 
 def with_defaults(cfg: Settings) -> Settings:
@@ -950,7 +1026,9 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         model = open_clip.CLIP(**TINY_CLIP, init_logit_scale=math.log(100))
         tokenize = open_clip.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
     elif name not in open_clip.list_models():
-        raise UserError(f"unknown --model '{name}'; pick one of open_clip.list_models() or 'tiny'")
+        close = [m for m in open_clip.list_models() if m.lower() == name.lower()]
+        hint = f"did you mean --model {close[0]}? Or " if close else ""
+        raise UserError(f"unknown --model '{name}'; {hint}pick one of open_clip.list_models() or 'tiny'")
     else:
         model, tokenize = open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
     size = model.visual.image_size
@@ -968,7 +1046,8 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
     is_tag = weights is not None and not os.path.isfile(weights)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if is_tag and weights not in tags:
-        raise UserError(f"--pretrained {weights} is neither a file nor an open_clip tag of {name} ({', '.join(tags)})")
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no tags: give a file, or --pretrained none"
+        raise UserError(f"--pretrained {weights} is neither a file nor an open_clip tag of {name} ({known})")
     # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
     quick_gelu = is_tag and bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"))
     logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
@@ -976,6 +1055,9 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
         return open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
     except Exception as e:
         reason = textwrap.shorten(str(e) or type(e).__name__, 160, placeholder=" ...")
+        if weights is not None and not is_tag:
+            raise UserError(f"--pretrained {pretrained} is no checkpoint of --model {name} that open_clip can load "
+                            f"({reason}); give that model's weights, or the --model they belong to") from None
         cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are "
                         f"looked for in the Hugging Face cache under HF_HOME ({cache}): put them there, pass "
@@ -1038,8 +1120,12 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if device.type == "cuda" and not count["cuda"]:
+        raise UserError(f"--device {name}: this torch ({torch.__version__}) finds no usable GPU (none here, or a "
+                        f"driver older than its CUDA {torch.version.cuda}); install a torch build for the driver "
+                        f"(README, Set up), or use --device cpu")
     if (device.index or 0) >= count.get(device.type, 0):
-        raise UserError(f"--device {name} is not available here; use --device auto")
+        raise UserError(f"--device {name} is not available here ({count.get(device.type, 0)} found); use --device auto")
     return device
 
 
@@ -1088,6 +1174,9 @@ class Run:
 def set_up(cfg: Settings) -> Run:
     """Device (seeded), data, CLIP with LoRA, the prompts and the batches of every task of a run."""
     device = pick_device(cfg.device)
+    if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
+        log.info(f"warning: no usable GPU found, so {cfg.model} runs on the CPU, which takes days for a benchmark; "
+                 f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
     torch.manual_seed(cfg.seed)  # every device's generator
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # summary.json's peak is this run's
@@ -1124,9 +1213,13 @@ def run(cfg: Settings) -> dict:
     """MG-CLIP over all tasks: set up, learn task after task with a checkpoint after each, then the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out, append=bool(cfg.resume))
-    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        setup_logging(out, append=bool(cfg.resume))
+        write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); give a folder you can "
+                        f"write to") from None
     r = set_up(cfg)
     state = resume_state(r, out) if cfg.resume else None
     if state is None:
@@ -1143,8 +1236,8 @@ def run(cfg: Settings) -> dict:
                 raise KeyboardInterrupt
     except FloatingPointError as e:
         task = len(state["rows"]) + 1 if state else 1
-        raise UserError(f"non-finite loss in task {task}, {e}; lower --lr (now {cfg.lr:g}); the checkpoint of the "
-                        f"tasks before is intact") from None
+        raise UserError(f"{e} of task {task}; lower --lr (now {cfg.lr:g}); the checkpoint of the tasks before is "
+                        f"intact") from None
     summary = summarize(r, cfg, state, time.perf_counter() - started)
     write_json(out / "summary.json", summary)
     forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
@@ -1179,8 +1272,13 @@ def save_task(out: Path, state: dict, r: Run, cfg: Settings):
     """After each task: its metrics appended to metrics.jsonl, then the checkpoint (LoRA, the classifier, E*, the
     metrics so far, the settings, the data, the clock), each replaced atomically."""
     checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=data_record(r.data), clock=r.clock)
-    write_json(out / "metrics.jsonl", state["rows"][-1], mode="a")
-    replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))  # the last good one stays
+    try:  # the checkpoint first: metrics.jsonl is rewritten from it on resume, never the other way round
+        replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
+        write_json(out / "metrics.jsonl", state["rows"][-1], mode="a")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = textwrap.shorten(getattr(e, "strerror", None) or str(e), 80, placeholder=" ...")
+        raise UserError(f"cannot save task {len(state['rows'])} in {out} ({reason}); is the disk full? The "
+                        f"checkpoint of the tasks before is intact: free space, then --resume {out}") from None
 
 
 def resume_state(r: Run, out: Path) -> dict:
@@ -1233,8 +1331,11 @@ def summarize(r: Run, cfg: Settings, state: dict, seconds: float) -> dict:
 def replace_atomically(path: Path, write):
     """Write a file through a temporary one, then rename: a crash or Ctrl-C never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 
 
 def write_json(path: Path, obj, mode="w"):
@@ -1252,15 +1353,19 @@ def load_checkpoint(out: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume {out}: checkpoint.pt is unreadable ({type(e).__name__}); start the run "
-                        f"afresh") from None
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); delete it to start that run afresh, or give "
+                        f"another --out") from None
 
 
 class TqdmHandler(logging.Handler):
     """Log lines printed between the progress bars."""
 
     def emit(self, record):
-        tqdm.write(self.format(record))
+        try:
+            tqdm.write(self.format(record))
+        except OSError:  # stdout closed (mgclip.py ... | head): the run goes on, log.txt keeps every line
+            log.removeHandler(self)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def setup_logging(out: Path, append: bool):
@@ -1272,6 +1377,14 @@ def setup_logging(out: Path, append: bool):
                            (logging.FileHandler(out / "log.txt", mode="a" if append else "w"), "%Y-%m-%d %H:%M:%S")):
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", stamp))
         log.addHandler(handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the last finished task's checkpoint stays, and one line says how to resume."""
+
+
+def terminate(signum, frame):
+    raise Terminated
 
 
 def stop(cfg: Settings | None, message: str, code: int = 1):
@@ -1286,6 +1399,7 @@ def stop(cfg: Settings | None, message: str, code: int = 1):
 def main(argv=None):
     """Command line entry: every expected failure ends in one line saying what to do, and a non-zero exit."""
     cfg = None
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         cfg = parse_settings(argv)
         run(cfg)
@@ -1294,9 +1408,12 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         stop(cfg, f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
                   f"or --eval-batch-size (now {cfg.eval_batch_size})")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (SLURM's pre-emption, kill): exit 130 or 143
         where = f"; resume with --resume {cfg.out}" if cfg and (Path(cfg.out) / "checkpoint.pt").is_file() else ""
-        stop(cfg, f"mgclip: interrupted{where}", 130)
+        terminated = isinstance(e, Terminated)
+        stop(cfg, f"mgclip: {'terminated' if terminated else 'interrupted'}{where}", 143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ============================================================== Class lists and orders, out of the reader's way

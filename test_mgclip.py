@@ -619,7 +619,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
 
 def test_non_finite_loss_names_task_epoch_and_step(tmp_path):
     message = fail(["--dataset", "synthetic", "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path)])
-    assert "non-finite loss in task 1, epoch 1, step" in message and "--lr" in message
+    assert "non-finite loss in epoch 1, step" in message and "of task 1" in message and "--lr" in message
 
 
 # ---------------------------------------------------------------- speed: loaders and the timing script
@@ -692,8 +692,10 @@ def test_visual_classifier_starts_at_class_means_and_trains_only_new_rows():
     trained = M.train_visual_classifier(old, feats, labels, range(5, 8), 5e-4, 4, 3, 0)
     assert torch.equal(trained[:5], old) and not torch.allclose(trained[5:], w[5:])
     assert torch.equal(trained, M.train_visual_classifier(old, feats, labels, range(5, 8), 5e-4, 4, 3, 0))
-    first = M.train_visual_classifier(None, feats, labels, range(5, 8), 5e-4, 4, 0, 0)
+    first = M.train_visual_classifier(None, feats, labels - 5, range(0, 3), 5e-4, 4, 0, 0)
     assert torch.equal(first, w[5:])  # the first task starts W
+    with pytest.raises(ValueError, match="one row per class before 5"):
+        M.train_visual_classifier(old[:4], feats, labels, range(5, 8), 5e-4, 4, 0, 0)
 
 
 def test_readme_commands_parse():
@@ -973,16 +975,29 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
     one_shot = (b for b in batches)
     with pytest.raises(TypeError, match="re-iterable"):
         next(M.finetune(clip.model, lora, one_shot, tokens, range(0, 2), 1e-2, 2))
+    before = [p.detach().clone() for p in lora]
     with pytest.raises(ValueError, match="class-order positions"):  # task 2 is classes 1..2, labels counted from 0
         next(M.finetune(clip.model, lora, batches, tokens, range(1, 3), 1e-2, 1))
+    assert all(torch.equal(p, b) for p, b in zip(lora, before))  # refused before any step
     with pytest.raises(ValueError, match="class-order positions"):
-        M.train_visual_classifier(None, torch.randn(4, 64), torch.tensor([0, 1, 0, 1]), range(1, 3), 1e-3, 2, 1, 0)
+        M.train_visual_classifier(torch.randn(1, 64), torch.randn(4, 64), torch.tensor([0, 1, 0, 1]), range(1, 3),
+                                  1e-3, 2, 1, 0)
+    with pytest.raises(ValueError, match="index the 2 prompts"):  # task 2's labels given to a task-2-only gap
+        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([2, 3, 2, 3]), 100.0)
+    with pytest.raises(ValueError, match="prompts"):  # the tokens of task 2 alone, not of every class up to it
+        next(M.finetune(clip.model, lora, [(x, y + 1) for x, y in batches], tokens[1:], range(1, 3), 1e-2, 1))
     with pytest.raises(TypeError, match="logit_scale.exp"):
         M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale)
     with pytest.raises(ValueError, match="S-\\(0\\) is 0"):
         M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-2, 2, 0.0, 0.1)
     with pytest.raises(ValueError, match="already has LoRA"):
         M.add_lora(clip.model)
+    with pytest.raises(ValueError, match="a task needs 2 classes"):  # one class: S- has no pair to average
+        M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 1), 1e-2, 2, float("nan"), 0.1)
+    next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1))
+    task = M.Task(range(0, 2), batches, batches, batches)
+    with pytest.raises(ValueError, match="LoRA has trained already"):  # its "initial" would not be the pre-trained CLIP
+        next(M.learn_tasks(clip.model, lora, tokens, [task], M.Hyper()))
     correct, count = torch.zeros(3, 2), torch.ones(2)
     with pytest.raises(ValueError, match="one row"):
         M.accuracy(correct, count, range(0, 2))

@@ -65,8 +65,9 @@ def main(argv=None) -> dict:
         p.error(f"--out {args.out}: its folder does not exist")
     try:
         speed = measure(args)
-    except M.UserError as e:
-        p.exit(1, f"speed.py: error: {e}\n")
+    except (M.UserError, ValueError) as e:  # add_lora refuses a model it cannot reach (RN50): a ValueError
+        p.exit(1, f"speed.py: error: --model {args.model}: {e}\n" if not isinstance(e, M.UserError) else
+               f"speed.py: error: {e}\n")
     print(json.dumps(speed, indent=2))
     if args.out:
         try:

@@ -1124,3 +1124,144 @@ def test_a_refusal_names_every_setting_that_differs_as_typed(tmp_path, monkeypat
     assert "--no-compensation (the run: without --no-compensation)" in message and "None" not in message
     assert M.parse_settings(["--dataset", "synthetic", "--model", "tiny"]).out != \
         M.parse_settings(["--dataset", "synthetic", "--model", "ViT-B-32"]).out  # a smoke test and the real run
+
+
+# ---------------------------------------------------------------- mistakes, second layer
+def test_broken_data_files_are_one_line_each(tmp_path):
+    root = write_cifar100(tmp_path / "c")
+    train = root / "cifar-100-python" / "train"
+    d = pickle.loads(train.read_bytes())
+    for broken, named in (({"data": d["data"][:, :100]}, "3072 bytes"), ({"fine_labels": [104] * 200}, "label 0..99")):
+        with open(train, "wb") as f:
+            pickle.dump({**d, **broken}, f)
+        assert named in fail(["--dataset", "cifar100", "--model", "tiny", "--data-root", str(root), "--no-download"])
+    with open(train, "wb") as f:
+        pickle.dump(d, f)
+    with open(root / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(99)]}, f)
+    assert "names 99 classes" in fail(["--dataset", "cifar100", "--model", "tiny", "--data-root", str(root),
+                                       "--no-download"])
+    folder = write_folder_dataset(tmp_path / "f", ["c0", "c1"], train=1, test=1)
+    (folder / "classnames.txt").write_bytes("caf\xe9\n".encode("latin-1") + b"tea\n")
+    assert "not UTF-8 text" in fail(["--dataset", "folder", "--model", "tiny", "--data-root", str(folder),
+                                     "--tasks", "1"])
+    food = write_food101(tmp_path / "z")
+    argv = ["--dataset", "synthetic", "--epochs", "1", "--zeroshot-eval", "food101", "--zeroshot-root", str(food),
+            "--out", str(tmp_path / "o")]
+    os.unlink(food / "food-101" / "images" / "apple_pie" / "1.jpg")
+    assert "apple_pie/1.jpg, listed in" in fail(argv)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # found before task 1, not after the last
+    (food / "food-101" / "meta" / "test.json").write_text("{broken")
+    assert "is not JSON" in fail(argv)
+    os.unlink(food / "food-101" / "meta" / "classes.txt")
+    assert "classes.txt" in fail(argv)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--prompt", "a {} of a {}."], "exactly one {}"),
+    (["--no-compensation", "--vis-lr", "1e-3"], "--vis-lr cannot act: --no-compensation"),
+    (["--epochs", "2", "--alpha", "0.2"], "--alpha cannot act"),
+    (["--epochs", "2", "--max-epochs", "4"], "--max-epochs cannot act: --epochs skips"),
+    (["--dataset", "cifar100", "--syn-classes", "10"], "--syn-classes cannot act: --dataset is cifar100"),
+    (["--zeroshot-root", "x"], "--zeroshot-root cannot act"),
+    (["--zeroshot-eval", "food101"], "needs --zeroshot-root"),
+    (["--syn-classes", "100", "--tasks", "10", "--initial-increment", "50"], "use --tasks 2 or 3 or 6 or 11 or 26"),
+    (["--model", "vit-b-16", "--pretrained", "none"], "did you mean --model ViT-B-16"),
+])
+def test_flags_that_cannot_act_or_mislead_are_refused(tmp_path, flags, named):
+    assert named in fail(["--dataset", "synthetic", "--out", str(tmp_path / "o"), *flags])
+
+
+def test_device_cuda_without_cuda_names_the_torch_build(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    message = fail(["--dataset", "synthetic", "--device", "cuda", "--out", str(tmp_path / "o")])
+    assert "finds no usable GPU" in message and "--device cpu" in message and "--device auto" not in message
+
+
+@pytest.mark.parametrize("order, named", [("0 1 1 2", "1 is listed twice"), ("0 1 2", "3 is missing"),
+                                          ("1 2 3 4", "4 is out of range"), ("0 1 x 3", "'x' is not a class index")])
+def test_class_order_names_the_first_bad_value(tmp_path, order, named):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=1, test=1)
+    (tmp_path / "order.txt").write_text(order)
+    assert named in fail(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2",
+                          "--class-order", str(tmp_path / "order.txt"), "--out", str(tmp_path / "o")])
+
+
+def test_split_lists_with_duplicates_or_empty_classes_are_refused_and_headers_any_case(tmp_path):
+    root = write_imagenet_r(tmp_path / "r", IMAGENET_R_WNIDS)
+    train = "\n".join(f"{w}/art_0.png" for w in IMAGENET_R_WNIDS)
+    test = "\n".join(f"{w}/art_1.png" for w in IMAGENET_R_WNIDS)
+    base = ["--dataset", "imagenet-r", "--data-root", str(root), "--split-file", str(tmp_path / "s.txt")]
+    (tmp_path / "s.txt").write_text(f"Train\n{train}\nTEST\n{test}\n")
+    assert len(M.load_benchmark(M.parse_settings(base)).test) == 200
+    (tmp_path / "s.txt").write_text(f"train\n{train}\n{train}\ntest\n{test}\n")  # two copies of one list
+    assert "art_0.png twice" in fail(base + ["--model", "tiny", "--out", str(tmp_path / "o")])
+    (tmp_path / "s.txt").write_text(f"train\n{train}\ntest\n{test.split(chr(10), 1)[1]}\n")
+    assert f"no test image of class {IMAGENET_R_WNIDS[0]}" in fail(base + ["--model", "tiny", "--out",
+                                                                         str(tmp_path / "o")])
+
+
+def test_bad_output_folders_and_a_full_disk_lose_nothing(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "under"):
+        assert "cannot write to --out" in fail(["--dataset", "synthetic", "--epochs", "1", "--out", str(out)])
+    real_save, saves = torch.save, []
+
+    def disk_fills_up(obj, path):  # the second checkpoint is cut off by a full disk, as torch reports it
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 1024")
+        real_save(obj, path)
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    out = tmp_path / "run"
+    message = fail(["--dataset", "synthetic", "--epochs", "1", "--out", str(out)])
+    assert "cannot save task 2" in message and "disk full" in message and f"--resume {out}" in message
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.txt", "metrics.jsonl", "settings.json"]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(state["rows"]) == 1 == len((out / "metrics.jsonl").read_text().splitlines())
+    assert (out / "log.txt").read_text().splitlines()[-1] == message
+
+
+def test_a_closed_stdout_and_sigterm_lose_nothing(tmp_path):
+    import signal
+    script = [sys.executable, str(HERE / "mgclip.py"), "--dataset", "synthetic", "--epochs", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    piped = subprocess.run(f"{' '.join(script)} --out {tmp_path / 'a'} | head -1; exit ${{PIPESTATUS[0]}}",
+                           shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 0 and len(piped.stdout.splitlines()) == 1 and "Error" not in piped.stderr, piped.stderr
+    assert (tmp_path / "a" / "summary.json").exists() and "Avg 46.48" in (tmp_path / "a" / "log.txt").read_text()
+    run = subprocess.Popen(script + ["--syn-train", "200", "--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoint.pt").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # what SLURM sends on pre-emption
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"mgclip: terminated; resume with --resume {tmp_path / 'b'}"
+    assert (tmp_path / "b" / "log.txt").read_text().splitlines()[-1] == err.strip().splitlines()[-1]
+
+
+def test_a_hub_mirror_that_accepts_and_stays_silent_fails_within_seconds(tmp_path):
+    import socket
+    root = write_cifar100(tmp_path / "data")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel; nothing is ever read or answered
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--dataset", "cifar100", "--data-root", str(root),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    silent.close()
+    assert r.returncode == 1 and "--pretrained" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert time.perf_counter() - start < 30
+
+
+def test_a_local_weight_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"not weights")
+    message = fail(["--dataset", "synthetic", "--model", "ViT-B-32", "--pretrained", str(tmp_path / "w.bin"),
+                    "--out", str(tmp_path / "o")])
+    assert "is no checkpoint of --model ViT-B-32" in message and "HF_HOME" not in message

@@ -62,6 +62,12 @@ from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
+# Labels are class-order positions: the classes stand in a fixed order, task t holds the positions classes =
+# range(first, last + 1), and tokens[c] is the tokenised prompt of the class at position c. "batches" are
+# re-iterables of (images as the model takes them, labels) on the model's device: a list, a DataLoader.
+LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
+
+
 # LoRA: a low-rank update of the key and value projections, the only weights that train.
 class LoRAKeyValue(nn.Module):
     """Adds (alpha / r) * B @ A to the key and value rows of a packed q/k/v projection weight."""
@@ -130,7 +136,7 @@ def check_reiterable(batches):
         raise TypeError("batches must be re-iterable (a list, a DataLoader), not an iterator or a generator")
 
 
-# Features and the modality gap. "batches": re-iterable (images ready for the model, labels) on the model's device.
+# Features and the modality gap.
 @torch.no_grad()
 def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
@@ -181,9 +187,6 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
 
 
 # Fine-tuning LoRA, and gap preservation: how many epochs.
-LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
-
-
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
     """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
     over `epochs` to 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""

@@ -485,7 +485,7 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
 def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
-        rule = f"it must list each class index 0..{num_classes - 1} once, separated by spaces, commas or new lines"
+        rule = f"list each class index 0..{num_classes - 1} once (from 0), separated by spaces, commas or new lines"
         tokens = read_text(cfg.class_order, rule).replace(",", " ").strip("[] \n").split()
         bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
         order = [int(t) for t in tokens] if bad is None else []

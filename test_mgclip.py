@@ -434,6 +434,7 @@ def test_imagenet100_from_a_full_imagenet_folder(tmp_path):
     ("more tasks", "--tasks"),
     ("big increment", "--initial-increment"),
     ("bad order", "--class-order"),
+    ("no class folders", "no class folders in"),
 ])
 def test_bad_folder_input_gives_one_line(tmp_path, breakage, expect):
     root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=1, test=1)
@@ -454,6 +455,9 @@ def test_bad_folder_input_gives_one_line(tmp_path, breakage, expect):
         argv[7] = "5"
     elif breakage == "big increment":
         argv += ["--initial-increment", "6"]
+    elif breakage == "no class folders":
+        for c in ("c0", "c1", "c2", "c3"):
+            os.rename(root / "train" / c, root / c)
     elif breakage == "bad order":
         (tmp_path / "order.txt").write_text("0 1 1 2")
         argv += ["--class-order", str(tmp_path / "order.txt")]
@@ -660,6 +664,7 @@ def test_speed_script_times_against_the_bare_tower(tmp_path):
         ("cifar-32px-uint8", 0), ("cifar-32px-uint8", 1), ("jpeg-500x375", 0), ("jpeg-500x375", 1)]
     assert all(r["images_per_second"] > 0 for r in speed["loader"])
     for flags, named in ((["--repeats", "0"], "--repeats: must be at least 1"), (["--model", "ViT-X-99"], "--model"),
+                         (["--model", "RN50", "--device", "cpu"], "--model RN50: the image tower"),
                          (["--out", str(tmp_path / "no" / "s.json")], "its folder does not exist")):
         r = subprocess.run([sys.executable, str(HERE / "benchmarks" / "speed.py"), "--model", "tiny", *flags],
                            capture_output=True, text=True, timeout=120)

@@ -1272,8 +1272,8 @@ def run_record(device: str) -> dict:
 
 
 def save_task(out: Path, state: dict, r: Run, cfg: Settings):
-    """After each task: its metrics appended to metrics.jsonl, then the checkpoint (LoRA, the classifier, E*, the
-    metrics so far, the settings, the data, the clock), each replaced atomically."""
+    """After each task: the checkpoint (LoRA, the classifier, E*, the metrics so far, the settings, the data, the
+    clock), then its metrics appended to metrics.jsonl, each file replaced atomically; a failure is one line."""
     checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=data_record(r.data), clock=r.clock)
     try:  # the checkpoint first: metrics.jsonl is rewritten from it on resume, never the other way round
         replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))

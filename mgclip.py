@@ -466,6 +466,8 @@ def read_text(path, fix: str) -> str:
 
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
     """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
+    if initial_increment > num_classes:
+        raise UserError(f"--initial-increment {initial_increment} is more than the {num_classes} classes")
     if initial_increment:
         later = tasks - 1
         sizes = [initial_increment] + [(num_classes - initial_increment) // max(later, 1)] * later
@@ -485,7 +487,8 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
 def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
-        rule = f"list each class index 0..{num_classes - 1} once (from 0), separated by spaces, commas or new lines"
+        rule = (f"--class-order takes a file that lists each class index 0..{num_classes - 1} once (from 0), "
+                f"separated by spaces, commas or new lines")
         tokens = read_text(cfg.class_order, rule).replace(",", " ").strip("[] \n").split()
         bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
         order = [int(t) for t in tokens] if bad is None else []
@@ -514,7 +517,8 @@ def read_image(path: str, size: int | None) -> torch.Tensor:
         with PIL.Image.open(path) as image:
             image = image.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); delete or replace the file") from None
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); replace it with a readable copy (deleting it "
+                        f"changes the data, so a run in progress would have to start afresh)") from None
     return prepare_pil(image, size)
 
 
@@ -834,7 +838,8 @@ class Settings:
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
     tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
-    class_order: str | None = arg(None, DATA, "file of class indices (default: the published order, or seeded)")
+    class_order: str | None = arg(None, DATA, "file of class indices, from 0 (default: the published order, or "
+                                  "seeded)")
     split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
                                                    "train_100.txt val_100.txt); entries relative to --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
@@ -882,7 +887,8 @@ def number(kind, low=None, above=None):
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
-    parser = Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = Parser(description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
+                    "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False)
     groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
     for f in dataclasses.fields(Settings):
         meta = dict(f.metadata)
@@ -911,6 +917,8 @@ def parse_settings(argv=None) -> Settings:
     typed = vars(build_parser().parse_args(argv))  # only the flags on the command line
     if "resume" in typed:
         out = Path(typed["resume"])
+        if out.is_file() and out.name != "checkpoint.pt":
+            raise UserError(f"--resume {out}: give a run's --out folder, or the checkpoint.pt in it")
         out = str(out.parent if out.name == "checkpoint.pt" else out)  # the folder, or its checkpoint.pt
         if Path(typed.get("out", out)) != Path(out):
             raise UserError(f"--resume {out} continues the run in its own folder; drop --out {typed['out']}")
@@ -1177,9 +1185,6 @@ class Run:
 def set_up(cfg: Settings) -> Run:
     """Device (seeded), data, CLIP with LoRA, the prompts and the batches of every task of a run."""
     device = pick_device(cfg.device)
-    if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
-        log.info(f"warning: no usable GPU found, so {cfg.model} runs on the CPU, which takes days for a benchmark; "
-                 f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
     torch.manual_seed(cfg.seed)  # every device's generator
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # summary.json's peak is this run's
@@ -1189,6 +1194,9 @@ def set_up(cfg: Settings) -> Run:
     if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
         settle_offline(cfg)  # after the data: it only decides how the weights load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
+    if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
+        log.info(f"warning: no usable GPU found, so {cfg.model} runs on the CPU, which takes days for a benchmark; "
+                 f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
     for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
         stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
         split.size = None if stored else clip.image_size  # files and other sizes: resized in the loader workers
@@ -1219,7 +1227,6 @@ def run(cfg: Settings) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(out, append=bool(cfg.resume))
-        write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
     except OSError as e:
         raise UserError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); give a folder you can "
                         f"write to") from None
@@ -1227,6 +1234,10 @@ def run(cfg: Settings) -> dict:
     state = resume_state(r, out) if cfg.resume else None
     if state is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
+    # after the checks, so that a refused resume leaves it as it was; before task 1, so that a crash leaves it
+    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
     hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
     tick = time.perf_counter()
     try:
@@ -1234,7 +1245,7 @@ def run(cfg: Settings) -> dict:
             row = state["rows"][-1]
             row["seconds"] = round(time.perf_counter() - tick, 3)
             tick = time.perf_counter()
-            save_task(out, state, r, cfg)
+            save_task(out, dict(state, wall_seconds=time.perf_counter() - started), r, cfg)
             if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(row["task"]):  # test hook: a pre-emption now
                 raise KeyboardInterrupt
     except FloatingPointError as e:
@@ -1244,7 +1255,8 @@ def run(cfg: Settings) -> dict:
     summary = summarize(r, cfg, state, time.perf_counter() - started)
     write_json(out / "summary.json", summary)
     forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
-    log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  E* {state['epochs']}  "
+    epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"{state['epochs']} epochs a task"
+    log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs}  "
              f"{summary['seconds_total']:.1f}s  -> {out}")
     if r.zeroshot:
         z = summary["zeroshot"]
@@ -1394,7 +1406,7 @@ def stop(cfg: Settings | None, message: str, code: int = 1):
     """Exit with one line on stderr, also appended to the run's log.txt when the run has one."""
     if cfg is not None and (Path(cfg.out) / "log.txt").is_file():
         with open(Path(cfg.out) / "log.txt", "a") as fh:
-            fh.write(message + "\n")
+            fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
     print(message, file=sys.stderr)
     sys.exit(code)
 
@@ -1408,6 +1420,8 @@ def main(argv=None):
         run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
         stop(cfg, f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
+    except OSError as e:  # an I/O failure no check foresaw (a disk filling up): one line all the same
+        stop(cfg, f"mgclip: error: {e.strerror or e} ({e.filename or 'no file named'}); check the disk and --out")
     except torch.cuda.OutOfMemoryError:
         stop(cfg, f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
                   f"or --eval-batch-size (now {cfg.eval_batch_size})")

@@ -473,7 +473,7 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
         sizes = [initial_increment] + [(num_classes - initial_increment) // max(later, 1)] * later
     else:
         sizes = [num_classes // max(tasks, 1)] * tasks
-    if tasks < 1 or initial_increment > num_classes or sum(sizes) != num_classes or min(sizes) < 2:
+    if tasks < 1 or sum(sizes) != num_classes or min(sizes) < 2:
         rest = num_classes - initial_increment if initial_increment else num_classes
         first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
         works = " or ".join(str(first + k) for k in range(1, rest // 2 + 1) if rest % k == 0)
@@ -687,16 +687,16 @@ def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Spl
             Split(whole.labels[test], files=[whole.files[i] for i in test]))
 
 
-def folder_classes(cfg, root: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
-    """Class folders (sorted, as torchvision's ImageFolder), class names and class order of an image-folder dataset."""
+def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
+    """Class folders of `source` (sorted, as torchvision's ImageFolder), class names and class order of an
+    image-folder dataset; test_dir, when given, must hold the same class folders."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-    raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
-    folders = class_folders(root if raw else root / "train")
+    folders = class_folders(source)
     if not folders:
-        raise UserError(f"no class folders in {root / 'train'}; expected {root}/train/<class>/ and {root}/val/<class>/")
-    if not raw and not cfg.split_file and folders != class_folders(test_dir):
+        raise UserError(f"no class folders in {source}; expected {source}/<class>/ with the images of each class")
+    if test_dir is not None and folders != class_folders(test_dir):
         differ = sorted(set(folders) ^ set(class_folders(test_dir)))
-        raise UserError(f"the classes in {root / 'train'} and {test_dir} differ ({', '.join(differ[:3])}...); "
+        raise UserError(f"the classes in {source} and {test_dir} differ ({', '.join(differ[:3])}...); "
                         f"both need the same class folders")
     if cfg.dataset == "imagenet100" and len(folders) == 1000:
         folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
@@ -707,11 +707,10 @@ def folder_classes(cfg, root: Path, test_dir: Path | None) -> tuple[list[str], l
     if cfg.dataset in known:
         names, order = known[cfg.dataset]
         if len(folders) != len(names):
-            raise UserError(f"{root if raw else root / 'train'} holds {len(folders)} class folders; --dataset "
-                            f"{cfg.dataset} has {len(names)}")
+            raise UserError(f"{source} holds {len(folders)} class folders; --dataset {cfg.dataset} has {len(names)}")
         return folders, list(names), class_order(cfg, len(names), order)
     names = [n.replace("_", " ") for n in folders]
-    listed = root / "classnames.txt"
+    listed = source.parent / "classnames.txt"
     if listed.is_file():
         names = [n.strip() for n in read_text(listed, "give one class name per line").splitlines() if n.strip()]
         if len(names) != len(folders):
@@ -767,7 +766,8 @@ def load_image_folders(cfg) -> Benchmark:
         raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
     if not raw and test_dir is None and not cfg.split_file:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
-    folders, names, order = folder_classes(cfg, root, test_dir)
+    compare = None if raw or cfg.split_file else test_dir  # a split list names its own images
+    folders, names, order = folder_classes(cfg, root if raw else root / "train", compare)
     classes = [folders[i] for i in order]
     if cfg.split_file:
         train, test = read_split_files(cfg.split_file, root, classes)
@@ -1237,7 +1237,8 @@ def run(cfg: Settings) -> dict:
     else:
         started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
     # after the checks, so that a refused resume leaves it as it was; before task 1, so that a crash leaves it
-    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device)))
+    record = run_record(cfg.device)
+    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=record))
     hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
     tick = time.perf_counter()
     try:
@@ -1252,7 +1253,7 @@ def run(cfg: Settings) -> dict:
         task = len(state["rows"]) + 1 if state else 1
         raise UserError(f"{e} of task {task}; lower --lr (now {cfg.lr:g}); the checkpoint of the tasks before is "
                         f"intact") from None
-    summary = summarize(r, cfg, state, time.perf_counter() - started)
+    summary = summarize(r, cfg, state, record, time.perf_counter() - started)
     write_json(out / "summary.json", summary)
     forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
     epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"{state['epochs']} epochs a task"
@@ -1311,7 +1312,7 @@ def resume_state(r: Run, out: Path) -> dict:
     return state
 
 
-def summarize(r: Run, cfg: Settings, state: dict, seconds: float) -> dict:
+def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) -> dict:
     """summary.json: the settings, data and run record, Avg / Last / forgetting, the accuracy matrix, per-branch
     accuracies, the gap per task and the search's trace, zero-shot retention, and the time per phase and per task."""
     rows = state["rows"]
@@ -1336,7 +1337,7 @@ def summarize(r: Run, cfg: Settings, state: dict, seconds: float) -> dict:
                                    retained=final / first if first else None)
     summary["phases"] = {p: dict(seconds=round(s, 3), images_per_second=round(n / s, 1) if s else None)
                          for p, (s, n) in r.clock.items()}
-    summary.update(run=run_record(str(device)), seconds_total=round(seconds, 3),
+    summary.update(run=record, seconds_total=round(seconds, 3),
                    seconds_per_task=[row.get("seconds") for row in rows],
                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
                    else None)

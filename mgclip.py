@@ -822,7 +822,8 @@ class Settings:
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
     lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
     batch_size: int | None = arg(None, METHOD, "training batch", low=1)
-    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1)", low=1)
+    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1); 0: "
+                             "no fine-tuning (zero-shot CLIP with --no-compensation)", low=0)
     alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha", above=0)
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
     vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)

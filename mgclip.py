@@ -29,7 +29,6 @@ README.md, Performance.
 """
 import argparse
 import collections
-import collections.abc
 import dataclasses
 import importlib.metadata
 import json
@@ -46,8 +45,7 @@ import time
 import typing
 import urllib.error
 import urllib.request
-from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,84 +60,115 @@ from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
-# Labels are class-order positions: the classes stand in a fixed order, task t holds the positions classes =
-# range(first, last + 1), and tokens[c] is the tokenised prompt of the class at position c. "batches" are
-# re-iterables of (images as the model takes them, labels) on the model's device: a list, a DataLoader.
+# The contracts, each checked where it is used (a copied function given the wrong thing raises, never miscounts):
+# - labels are class-order positions: the classes stand in a fixed order, task t holds the positions classes =
+#   range(first, last + 1), and tokens[c] is the tokenised prompt of the class at position c (the tokenizer's tensor);
+# - batches are re-iterables (a list, a DataLoader; not a generator) of (float images as the model takes them, int64
+#   labels), on the model's device; the model is an open_clip CLIP from add_lora, put in train / eval mode here.
 LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
 
 
 # LoRA: a low-rank update of the key and value projections, the only weights that train.
 class LoRAKeyValue(nn.Module):
-    """Adds (alpha / r) * B @ A to the key and value rows of a packed q/k/v projection weight."""
+    """Adds (lora_alpha / r) * B_i @ A_i to the last n row blocks of a projection weight: the key and value rows of a
+    packed [W_q; W_k; W_v] (n = 2), or a whole key or value projection (n = 1)."""
 
-    def __init__(self, dim: int, rank: int, alpha: float):
+    def __init__(self, weight: torch.Tensor, n: int, rank: int, lora_alpha: float):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(2, rank, dim))  # [key, value]
-        self.B = nn.Parameter(torch.zeros(2, dim, rank))  # zero: the model is unchanged at start
+        rows = len(weight) // 3 if n == 2 else len(weight)
+        self.A = nn.Parameter(torch.empty(n, rank, weight.shape[1]))
+        self.B = nn.Parameter(torch.zeros(n, rows, rank))  # zero: the model is unchanged at start
         for a in self.A:  # the authors' attention LoRA draws A with xavier_uniform_ (their Linear LoRA: kaiming)
             nn.init.xavier_uniform_(a)
-        self.scale = alpha / rank
+        self.scale = lora_alpha / rank
 
-    def forward(self, qkv_weight):
-        """W_qkv -> [W_q; W_k + s B_k A_k; W_v + s B_v A_v]."""
-        dim = qkv_weight.shape[1]
-        delta = (self.B @ self.A).reshape(2 * dim, dim) * self.scale
-        return torch.cat([qkv_weight[:dim], qkv_weight[dim:] + delta.to(qkv_weight.dtype)])
+    def forward(self, weight):
+        """W -> W with s B_i A_i added to its last n row blocks."""
+        delta = (self.B @ self.A).flatten(0, 1) * self.scale
+        return torch.cat([weight[:-len(delta)], weight[-len(delta):] + delta.to(weight.dtype)])
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 1.0) -> list[nn.Parameter]:
-    """Freeze an open_clip CLIP and put LoRA on W_k and W_v of every self-attention block of both towers (the image
-    tower is model.visual); returns LoRA's weights. Refuses a second LoRA and a tower without such blocks."""
+def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(module, weight name, n) of the keys and values of every self-attention block under `module`, in open_clip's
+    three layouts. Attention pooling heads (SigLIP's MAP head, RN50's AttentionPool2d) are not blocks."""
+    if "Pool" in type(module).__name__:
+        return []
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return [(module, "in_proj_weight", 2)]  # packed [W_q; W_k; W_v]: OpenAI-style ViTs, every text tower
+    if isinstance(getattr(module, "qkv", None), nn.Linear):
+        return [(module.qkv, "weight", 2)]  # timm's packed qkv Linear: SigLIP, ViTamin, FastViT (MobileCLIP)
+    if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("k_proj", "v_proj")):
+        return [(module.k_proj, "weight", 1), (module.v_proj, "weight", 1)]  # timm's EVA02: separate projections
+    return [found for child in module.children() for found in key_value_weights(child)]
+
+
+def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[nn.Parameter]:
+    """Freeze an open_clip CLIP and put LoRA on W_k and W_v of every self-attention block of both towers (the ones
+    encode_image and encode_text run); returns LoRA's weights. Refuses a second LoRA and a tower without such blocks."""
     if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
         raise ValueError("this model already has LoRA: call add_lora once per model")
-    blocks = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
-    for tower, is_image in (("image", True), ("text", False)):
-        if not any(name.startswith("visual.") == is_image for name, _ in blocks):
-            raise ValueError(f"the {tower} tower has no packed nn.MultiheadAttention for LoRA on its keys and "
-                             f"values; use a ViT CLIP (e.g. ViT-B-16)")
+    towers = dict(image=model.visual, text=model.text if hasattr(model, "text") else model.transformer)
+    found = {tower: key_value_weights(module) for tower, module in towers.items()}
+    for tower, module in towers.items():
+        if not found[tower]:
+            raise ValueError(f"the {tower} tower ({type(module).__name__}) has no self-attention block for LoRA; use "
+                             f"a ViT, SigLIP, EVA02, ViTamin or MobileCLIP model (not a ResNet or ConvNeXt)")
     model.requires_grad_(False)
-    for _, attn in blocks:
-        w = attn.in_proj_weight
-        parametrize.register_parametrization(attn, "in_proj_weight", LoRAKeyValue(w.shape[1], rank, alpha).to(w.device))
+    for owner, name, n in found["image"] + found["text"]:
+        w = getattr(owner, name)
+        parametrize.register_parametrization(owner, name, LoRAKeyValue(w, n, rank, lora_alpha).to(w.device))
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
     """Load LoRA weights in place (the initial ones, B = 0, give back the pre-trained CLIP)."""
+    if len(values) != len(lora) or any(p.shape != w.shape for p, w in zip(lora, values)):
+        raise ValueError(f"set_lora takes one value per LoRA weight, of its shape ({len(lora)}); got {len(values)}")
     with torch.no_grad():
         for p, w in zip(lora, values):
             p.copy_(w)
 
 
 @contextmanager
-def pretrained_clip(lora: list[nn.Parameter], initial: list[torch.Tensor]):
-    """Within this block the model is the pre-trained CLIP; the trained LoRA weights come back after."""
-    trained = [p.detach().clone() for p in lora]
-    set_lora(lora, initial)
+def pretrained_clip(model: nn.Module):
+    """Within this block the model is the pre-trained CLIP (every B = 0, whatever LoRA learned); B comes back after."""
+    bs = [m.B for m in model.modules() if isinstance(m, LoRAKeyValue)]
+    trained = [b.detach().clone() for b in bs]
+    set_lora(bs, [torch.zeros_like(b) for b in bs])
     try:
         yield
     finally:
-        set_lora(lora, trained)
+        set_lora(bs, trained)
 
 
 @contextmanager
 def forward_context(device: torch.device, amp: torch.dtype | None):
     """Where CLIP's towers run: LoRA merged into W once per forward, autocast to `amp` unless it is None (fp32)."""
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None), parametrize.cached():
+    autocast = nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)  # fp32: none at all
+    with autocast, parametrize.cached():
         yield
 
 
-def check_reiterable(batches):
-    """Refuse a one-shot iterator: after one epoch a generator is empty, and later epochs would train on nothing."""
-    if isinstance(batches, collections.abc.Iterator):
-        raise TypeError("batches must be re-iterable (a list, a DataLoader), not an iterator or a generator")
+def check_batch(x, y, device: torch.device):
+    """Refuse a batch outside the contract (no host sync): uint8 images, int32 or float labels, another device."""
+    if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
+        raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
+                        f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
+
+
+def check_tokens(tokens, needed: int):
+    """Refuse prompts that are not the tokenizer's tensor, or that lack the prompt of a class up to needed - 1."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < needed:
+        raise TypeError(f"tokens are the tokenizer's tensor, tokenize(prompts), with a prompt for every class up to "
+                        f"{needed - 1}; got a {type(tokens).__name__} of {len(tokens)}")
 
 
 # Features and the modality gap.
 @torch.no_grad()
 def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
+    check_tokens(tokens, 1)
+    model.eval()
     device = model.logit_scale.device
     with forward_context(device, amp):
         out = [model.encode_text(t.to(device)) for t in tokens.split(500)]
@@ -149,11 +178,15 @@ def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | Non
 @torch.no_grad()
 def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
     """L2-normalised image features v_i and their labels, from one pass over the batches."""
-    feats, labels = [], []
+    model.eval()
+    device, feats, labels = model.logit_scale.device, [], []
     for x, y in batches:
-        with forward_context(x.device, amp):
+        check_batch(x, y, device)
+        with forward_context(device, amp):
             feats.append(model.encode_image(x))
         labels.append(y)
+    if not feats:
+        raise ValueError("the feature batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
     return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
 
 
@@ -161,7 +194,7 @@ class Gap(typing.NamedTuple):
     """The modality gap of some images and prompts: S+, S- and the distance of the two centroids."""
     s_plus: float
     s_minus: float
-    centroid: float
+    centroid_gap: float
 
 
 def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
@@ -176,8 +209,7 @@ def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
     pos = scale * (v * t[labels]).sum(-1)
     every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
     s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
-    centroid = (v.mean(0) - t.mean(0)).norm()
-    return Gap(pos.mean().item(), s_minus.item(), centroid.item())
+    return Gap(pos.mean().item(), s_minus.item(), (v.mean(0) - t.mean(0)).norm().item())
 
 
 def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
@@ -190,9 +222,9 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
     """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
     over `epochs` to 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
-    check_reiterable(batches)
-    if len(tokens) < classes.stop:
-        raise ValueError(f"tokens hold {len(tokens)} prompts; they need every class's up to {classes.stop - 1}")
+    check_tokens(tokens, classes.stop)
+    if amp == torch.float16:
+        raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -201,8 +233,12 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
     for epoch in range(1, epochs + 1):
         if hasattr(batches, "set_epoch"):  # as DistributedSampler: epoch e shuffles alike in a probe and a retrain
             batches.set_epoch(epoch)
+        model.train()  # as the authors fine-tune; BatchNorm (MobileCLIP's towers) stays frozen, statistics included
+        for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            norm.eval()
         loss_sum, first_bad, wrong, step = torch.zeros((), device=device), torch.full((), -1, device=device), 0, 0
         for step, (x, y) in enumerate(batches, 1):
+            check_batch(x, y, device)
             y = y - classes.start
             outside = ((y < 0) | (y >= len(classes))).sum()
             if step == 1 and outside:  # one host sync an epoch, before any step on wrong labels
@@ -211,7 +247,8 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
             with forward_context(device, amp):
                 v = model.encode_image(x)
                 t = model.encode_text(task_tokens)
-            # the cross-entropy over the task's own classes only: earlier classes' prompts are not pushed away
+            # the cross-entropy over the task's own classes only: earlier classes' prompts are not pushed away. A
+            # logit bias (SigLIP's) is one constant for every class: the softmax, its cross-entropy and argmax ignore it
             logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
             loss = F.cross_entropy(logits, y.clamp(0, len(classes) - 1))
             opt.zero_grad(set_to_none=True)
@@ -219,11 +256,14 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
             opt.step()
             loss_sum += loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if step == 0:
+            raise ValueError(f"the training batches of epoch {epoch} are empty (a generator is, after one pass: pass a "
+                             f"list or a DataLoader)")
         if int(wrong):
             raise ValueError(f"{int(wrong)} training labels fall outside classes {classes}: {LABEL_RULE}")
         if first_bad.item() >= 0:
             raise FloatingPointError(f"non-finite loss in epoch {epoch}, step {first_bad.item()}")
-        yield epoch, loss_sum.item() / max(step, 1), schedule.get_last_lr()[0]
+        yield epoch, loss_sum.item() / step, schedule.get_last_lr()[0]
         schedule.step()
 
 
@@ -234,22 +274,28 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
 def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None, report=print):
     """Gap preservation: fine-tune (cosine over max_epochs) until the first epoch e where |S-(e) - S-(0)| / |S-(0)| >
-    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether the caller must reset LoRA and
-    fine-tune E* epochs, and the trace (a dict per epoch)."""
+    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else
+    it is back at its start, to fine-tune E* epochs), and the trace (a dict per epoch)."""
     if not s_minus_0 or math.isnan(s_minus_0):
         raise ValueError(f"S-(0) is {s_minus_0}: its relative drift is undefined (measure it on the pre-trained CLIP; "
                          f"a task needs 2 classes)")
-    check_reiterable(feature_batches)
-    trace = []
+    start, trace = [p.detach().clone() for p in lora], []
     for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
+        if epoch == 1:
+            after_one = [p.detach().clone() for p in lora]
         gap = measure_gap(model, feature_batches, tokens[: classes.stop], amp)
         drift = abs(gap.s_minus - s_minus_0) / abs(s_minus_0)
         trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap.s_plus, s_minus=gap.s_minus, drift=drift))
         report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap.s_minus:.3f}  "
                f"relative drift {drift:.3f} (alpha {alpha})")
-        if drift > alpha:  # the probe has trained epoch e, already past the drift allowed, under a cosine over
-            return max(epoch - 1, 1), True, trace  # max_epochs: E* epochs (at least one) start again from B = 0
-    return max_epochs, False, trace  # it ran them all: the probe is the real training
+        if drift > alpha:  # epoch e went past the drift allowed: E* = e - 1 epochs, at least one
+            e_star = max(epoch - 1, 1)
+            # epoch 1 runs at lr under any cosine, from the same start and shuffle: the probe's first epoch is E* = 1's
+            # training bit for bit. E* > 1 needs a cosine over E* epochs, so LoRA starts again from B = 0.
+            set_lora(lora, after_one if e_star == 1 else start)
+            return e_star, e_star == 1, trace
+    report(f"  gap search: S- stayed within alpha = {alpha} for all {max_epochs} epochs, so E* = {max_epochs}")
+    return max_epochs, True, trace  # the probe is the real training
 
 
 # Gap compensation: a cosine classifier on the image features, fused with the text classifier.
@@ -285,8 +331,8 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
 
 def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
     """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    # the authors' double softmax, kept because the paper's numbers come from it: a softmax of probabilities in
-    # [0, 1] is nearly flat (at most e times apart), so the text branch mostly breaks the visual branch's ties
+    # the authors' double softmax, kept because the paper's numbers come from it. Both branches are flat (the text's top
+    # class at most e times any other; the visual's cosines lie in [-1, 1]): either can decide (README, Reading the gap)
     p_text = text_logits.float().softmax(-1).softmax(-1)
     p_vis = visual_logits.float().softmax(-1)
     return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
@@ -299,6 +345,7 @@ def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> to
     text_features, the classifier's rows (normalised here; None: the text features serve) one per seen class."""
     if classifier is not None and len(classifier) != len(text_feats):
         raise ValueError(f"the classifier has {len(classifier)} rows for {len(text_feats)} seen classes; one per class")
+    model.eval()
     with forward_context(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
     w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
@@ -312,12 +359,12 @@ def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> to
 def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
     """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
     counts (C,), over the seen classes C = len(text_feats)."""
-    device = model.logit_scale.device
-    seen = len(text_feats)
+    device, seen = model.logit_scale.device, len(text_feats)
     correct = torch.zeros(3, seen, device=device)
     count = torch.zeros(seen, device=device)
     wrong = 0
     for x, y in batches:
+        check_batch(x, y, device)
         wrong = wrong + ((y < 0) | (y >= seen)).sum()  # counted on the device: no host sync per batch
         y = y.clamp(0, seen - 1)
         preds = predict(model, x, text_feats, classifier, fusion, amp)
@@ -332,14 +379,11 @@ def accuracy(correct, count, classes: range) -> float:
     """Top-1 accuracy (%) over the test images of the given classes, from one row of evaluate's counts."""
     if correct.dim() != 1:
         raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
-    part = slice(classes.start, classes.stop)
-    return 100.0 * correct[part].sum().item() / max(count[part].sum().item(), 1)
-
-
-def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
-    """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
-    correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
-    return accuracy(correct[1], count, range(len(tokens)))
+    images = count[classes.start: classes.stop].sum().item()
+    if not images:  # 0% would pass for forgetting
+        raise ValueError(f"no test image of classes {classes.start}..{classes.stop - 1}: the test batches hold the "
+                         f"test images of every class seen so far")
+    return 100.0 * correct[classes.start: classes.stop].sum().item() / images
 
 
 def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
@@ -373,77 +417,65 @@ class Hyper:
 
 @dataclass
 class Task:
-    """One task: its classes (positions) and re-iterable batches of (images, labels), the images as the model takes
-    them (open_clip's transform, on its device): its training images (train: a pass per epoch, reshuffled by
-    set_epoch(e) when it has one; features: any order) and the test images of every class seen so far."""
+    """One task: its classes, its training images twice (train: an epoch a pass, reshuffled by set_epoch(e) if it has
+    one; train_eval: passes without gradient, any order) and the test images of every class seen so far."""
     classes: range
     train: typing.Iterable
-    features: typing.Iterable
+    train_eval: typing.Iterable
     test: typing.Iterable
 
 
-def learn_task(model, lora, initial, tokens, tasks: list[Task], t: int, epochs: int | None, classifier, hp: Hyper,
-               amp=None, report=print):
+def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifier, hp: Hyper, amp=None, report=print):
     """Task t (from 0) of MG-CLIP, as the paper's algorithm box. epochs: E*, or None to find it (task 1). Returns the
     task's metrics, the classifier grown by the task's classes and E*."""
     classes = tasks[t].classes
-    train, features = tasks[t].train, tasks[t].features
+    train, train_eval = tasks[t].train, tasks[t].train_eval
     seen_tokens = tokens[: classes.stop]
     report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
-    check_reiterable(features)
-    with pretrained_clip(lora, initial):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
-        before = measure_gap(model, features, seen_tokens, amp)
+    with pretrained_clip(model):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
+        before = measure_gap(model, train_eval, seen_tokens, amp)
     row = dict(task=t + 1, classes=[classes.start, classes.stop])
-    retrain = True
+    trained = False
     if epochs is None:
-        epochs, retrain, row["search"] = search_epochs(model, lora, train, features, tokens, classes, hp.lr,
+        epochs, trained, row["search"] = search_epochs(model, lora, train, train_eval, tokens, classes, hp.lr,
                                                        hp.max_epochs, before.s_minus, hp.alpha, amp, report)
         report(f"  gap preservation: E* = {epochs} epochs per task")
-        if retrain:
-            set_lora(lora, initial)
-    if retrain:
+    if not trained:
         for epoch, loss, epoch_lr in finetune(model, lora, train, tokens, classes, hp.lr, epochs, amp):
             report(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
-    feats, labels = image_features(model, features, amp)  # one pass serves S+ / S- and the classifier
+    feats, labels = image_features(model, train_eval, amp)  # one pass serves S+ / S- and the classifier
     text_seen = text_features(model, seen_tokens, amp)
     after = modality_gap(feats, text_seen, labels, model.logit_scale.exp().item())
     if hp.compensation:
         classifier = train_visual_classifier(classifier, feats, labels, classes, hp.vis_lr, hp.vis_batch_size,
                                              hp.vis_epochs, hp.seed + t + 1)
-    fusion = (hp.text_weight, hp.visual_weight)
-    correct, count = evaluate(model, tasks[t].test, text_seen, classifier, fusion, amp)
+    correct, count = evaluate(model, tasks[t].test, text_seen, classifier, (hp.text_weight, hp.visual_weight), amp)
     fused = correct[0] if hp.compensation else correct[1]  # without compensation, the text branch decides
     seen = range(0, classes.stop)
     row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
                acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
                acc_per_task=[accuracy(fused, count, tasks[j].classes) for j in range(t + 1)],
                gap_before=before._asdict(), gap_after=after._asdict())
-    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {row['acc_visual'] or 0:.2f})  "
-           f"S+ {before.s_plus:.2f}->{after.s_plus:.2f}  S- {before.s_minus:.2f}->{after.s_minus:.2f} "
-           f"(pre-trained CLIP->trained)")
+    visual = "n/a" if row["acc_visual"] is None else f"{row['acc_visual']:.2f}"
+    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {visual})  S+ {before.s_plus:.2f}->"
+           f"{after.s_plus:.2f}  S- {before.s_minus:.2f}->{after.s_minus:.2f} (pre-trained CLIP->trained)")
     return row, classifier, epochs
 
 
 def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
-    """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task: the metrics rows,
-    E* (found on task 1, then kept), the visual classifier and LoRA (on the CPU); a yielded state given back as
-    `state` continues after its last task."""
-    initial = [p.detach().clone() for p in lora]  # B = 0: the pre-trained CLIP, for S-(0) and the reset
+    """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task (metrics rows, E*, the
+    visual classifier, LoRA; on the CPU); a yielded state given back as `state` continues after its last task."""
     if state is None and any(m.B.any() for m in model.modules() if isinstance(m, LoRAKeyValue)):
         raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
-    if state is None:
-        epochs = hp.epochs  # None until the search on task 1 sets it
-        if epochs is None and not hp.preservation:
-            epochs = hp.max_epochs
+    if state is None:  # E* is None until the search on task 1 sets it
+        epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
         state = dict(rows=[], epochs=epochs, classifier=None, lora=None)
     if state["lora"] is not None:
         set_lora(lora, state["lora"])
-    classifier = state["classifier"]
-    if classifier is not None:
-        classifier = classifier.to(model.logit_scale.device)
+    classifier = None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
     for t in range(len(state["rows"]), len(tasks)):
-        row, classifier, epochs = learn_task(model, lora, initial, tokens, tasks, t, state["epochs"], classifier, hp,
-                                             amp, report)
+        row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp, amp,
+                                             report)
         state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
                      classifier=None if classifier is None else classifier.to("cpu", copy=True))
         yield state
@@ -504,14 +536,15 @@ def class_order(cfg, num_classes: int, default=None) -> list[int]:
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
 
 
-def prepare_pil(image: PIL.Image.Image, size: int | None) -> torch.Tensor:
-    """open_clip's test transform up to normalisation (PIL bicubic resize of the short side, center crop), uint8."""
-    if size is not None:
-        image = TF.center_crop(TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC), [size, size])
-    return TF.pil_to_tensor(image)
+def input_transform(preprocess: dict) -> typing.Callable:
+    """open_clip's test transform for a model's preprocess config (size, interpolation, resize mode), up to the
+    tensor: PIL image -> uint8 (3, H, W); the model's mean and std are applied on its device (Clip.input)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    steps = image_transform_v2(PreprocessCfg(**preprocess), is_train=False).transforms[:-2]  # no ToTensor, Normalize
+    return torchvision.transforms.Compose(steps + [TF.pil_to_tensor])
 
 
-def read_image(path: str, size: int | None) -> torch.Tensor:
+def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
     """One image file, decoded by PIL as RGB and prepared like open_clip does."""
     try:
         with PIL.Image.open(path) as image:
@@ -519,7 +552,7 @@ def read_image(path: str, size: int | None) -> torch.Tensor:
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); replace it with a readable copy (deleting it "
                         f"changes the data, so a run in progress would have to start afresh)") from None
-    return prepare_pil(image, size)
+    return transform(image) if transform else TF.pil_to_tensor(image)
 
 
 @dataclass
@@ -528,17 +561,16 @@ class Split(torch.utils.data.Dataset):
     labels: torch.Tensor
     pixels: torch.Tensor | None = None
     files: list[str] | None = None
-    size: int | None = None  # resize + crop to this side in the loader workers; None: as stored
+    transform: typing.Callable | None = None  # the model's input_transform, in the loader workers; None: as stored
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, idx):  # idx: a list of indices, so one call returns a whole batch
         if self.files is not None:
-            x = torch.stack([read_image(self.files[i], self.size) for i in idx])
-        elif self.size is not None:
-            x = torch.stack([prepare_pil(PIL.Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy()), self.size)
-                             for i in idx])
+            x = torch.stack([read_image(self.files[i], self.transform) for i in idx])
+        elif self.transform is not None:
+            x = torch.stack([self.transform(PIL.Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy())) for i in idx])
         else:
             x = self.pixels[idx]
         return x, self.labels[idx]
@@ -1017,10 +1049,11 @@ TINY_CLIP = dict(embed_dim=64,
 
 @dataclass
 class Clip:
-    """An open_clip model with its tokenizer and its input transform's size, mean and std."""
+    """An open_clip model with its tokenizer and its input: size, PIL transform (input_transform), mean and std."""
     model: nn.Module
     tokenize: typing.Callable
     image_size: int
+    transform: typing.Callable
     mean: torch.Tensor  # (1, 3, 1, 1), on the model's device
     std: torch.Tensor
 
@@ -1038,17 +1071,30 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         model = open_clip.CLIP(**TINY_CLIP, init_logit_scale=math.log(100))
         tokenize = open_clip.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
     elif name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower() == name.lower()]
+        close = [m for m in open_clip.list_models() if m.lower() == name.lower().replace("/", "-")]
         hint = f"did you mean --model {close[0]}? Or " if close else ""
         raise UserError(f"unknown --model '{name}'; {hint}pick one of open_clip.list_models() or 'tiny'")
     else:
-        model, tokenize = open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return Clip(model.to(device).eval(), tokenize, size,
-                torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+        tokenize = open_clip_tokenizer(name)  # before the weights: a missing tokenizer fails in a second
+        model = open_clip_model(name, pretrained)
+    # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
+    preprocess = {"size": model.visual.image_size, **open_clip.get_model_preprocess_cfg(model)}
+    size = preprocess["size"][0] if isinstance(preprocess["size"], (tuple, list)) else preprocess["size"]
+    mean = torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
+    return Clip(model.to(device).eval(), tokenize, size, input_transform(preprocess), mean, std)
+
+
+def open_clip_tokenizer(name: str) -> typing.Callable:
+    """open_clip's tokenizer of `name`; one that comes from Hugging Face (SigLIP's) fails in one line offline."""
+    import open_clip
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:
+        hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
+        raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({type(e).__name__}: {e}); "
+                        f"pip install transformers, and run once where the hub is reachable to cache it under "
+                        f"HF_HOME") from None
 
 
 def open_clip_model(name: str, pretrained: str) -> nn.Module:
@@ -1083,7 +1129,7 @@ class Feed:
     once and serve every pass of every task; `clock` sums the seconds and images of the passes per phase."""
 
     def __init__(self, split: Split, clip: Clip, clock: dict, workers: int, progress: bool):
-        workers = min(workers, os.cpu_count() or 1) if split.files is not None or split.size is not None else 0
+        workers = min(workers, os.cpu_count() or 1) if split.files is not None or split.transform else 0
         self.order = []  # the loader's sampler: the index batches of the pass about to start, set in place
         self.loader = torch.utils.data.DataLoader(
             split, sampler=self.order, batch_size=None, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
@@ -1174,7 +1220,6 @@ class Run:
     data: Benchmark
     clip: Clip
     lora: list[nn.Parameter]
-    initial: list[torch.Tensor]  # LoRA as added (B = 0): the pre-trained CLIP, for zero-shot "before"
     tokens: torch.Tensor
     tasks: list[Task]
     zeroshot: Benchmark | None
@@ -1200,7 +1245,7 @@ def set_up(cfg: Settings) -> Run:
                  f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
     for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
         stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
-        split.size = None if stored else clip.image_size  # files and other sizes: resized in the loader workers
+        split.transform = None if stored else clip.transform  # files and other sizes: resized in the loader workers
     try:
         lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
     except ValueError as e:
@@ -1217,7 +1262,7 @@ def set_up(cfg: Settings) -> Run:
     log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes ({len(data.train)} training "
              f"images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
-    return Run(data, clip, lora, [p.detach().clone() for p in lora], tokens, tasks, zeroshot, clock,
+    return Run(data, clip, lora, tokens, tasks, zeroshot, clock,
                set_precision(device, cfg.precision), progress)
 
 
@@ -1313,6 +1358,12 @@ def resume_state(r: Run, out: Path) -> dict:
     return state
 
 
+def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
+    """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
+    correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
+    return accuracy(correct[1], count, range(len(tokens)))
+
+
 def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) -> dict:
     """summary.json: the settings, data and run record, Avg / Last / forgetting, the accuracy matrix, per-branch
     accuracies, the gap per task and the search's trace, zero-shot retention, and the time per phase and per task."""
@@ -1332,7 +1383,7 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
         batches = Feed(z.test, r.clip, r.clock, cfg.workers, r.progress).batches(
             range(len(z.classnames)), cfg.eval_batch_size, "zeroshot")
         final = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
-        with pretrained_clip(r.lora, r.initial):
+        with pretrained_clip(r.clip.model):
             first = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
         summary["zeroshot"] = dict(dataset=cfg.zeroshot_eval, before=first, after=final,
                                    retained=final / first if first else None)

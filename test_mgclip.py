@@ -120,7 +120,7 @@ def test_lora_leaves_the_model_unchanged_at_start_and_counts():
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     with torch.no_grad():
         before = clip.model.encode_image(images), clip.model.encode_text(tokens)
-        lora = M.add_lora(clip.model, rank=8, alpha=1.0)
+        lora = M.add_lora(clip.model, rank=8, lora_alpha=1.0)
         after = clip.model.encode_image(images), clip.model.encode_text(tokens)
     # B = 0 adds exact zeros; only the kernel choice (fused vs. plain attention) may move the last bits
     assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
@@ -190,13 +190,13 @@ def test_fuse_scores_by_hand():
 
 
 # ---------------------------------------------------------------- gap preservation
-@pytest.mark.parametrize("s_minus, e_star, retrain, trained", [
-    ([12.0] + [10.0] * 9, 1, True, 1),           # drift at epoch 1: E* = max(0, 1) = 1
-    ([10.5, 10.9, 11.5] + [10.0] * 7, 2, True, 3),  # first drift at epoch 3: E* = 2
-    ([9.5, 10.5] * 5, 10, False, 10),           # never beyond alpha: all 10 epochs, no retraining
-    ([10.0, 8.9, 10.0] + [10.0] * 7, 1, True, 2),   # a drop counts as a drift too
+@pytest.mark.parametrize("s_minus, e_star, done, trained", [
+    ([12.0] + [10.0] * 9, 1, True, 1),           # drift at epoch 1: E* = max(0, 1) = 1, the probe's epoch kept
+    ([10.5, 10.9, 11.5] + [10.0] * 7, 2, False, 3),  # first drift at epoch 3: E* = 2, LoRA back at its start
+    ([9.5, 10.5] * 5, 10, True, 10),            # never beyond alpha: all 10 epochs, the probe is the training
+    ([10.0, 8.9, 10.0] + [10.0] * 7, 1, True, 2),   # a drop counts as a drift too; LoRA as after epoch 1
 ])
-def test_epoch_search_stops_where_the_rule_says(monkeypatch, s_minus, e_star, retrain, trained):
+def test_epoch_search_stops_where_the_rule_says(monkeypatch, s_minus, e_star, done, trained):
     """The search trains the real model epoch by epoch; S- is scripted here to place the drift exactly."""
     clip = tiny_clip()
     lora = M.add_lora(clip.model)
@@ -204,13 +204,26 @@ def test_epoch_search_stops_where_the_rule_says(monkeypatch, s_minus, e_star, re
     values = iter(s_minus)
     monkeypatch.setattr(M, "modality_gap", lambda *args: M.Gap(0.0, next(values), 0.0))
     batches = tiny_batches(clip)
-    found, again, trace = M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), lr=1e-2,
-                                          max_epochs=10, s_minus_0=10.0, alpha=0.1)
-    assert (found, again) == (e_star, retrain)
+    start = [p.detach().clone() for p in lora]
+    after_one = []
+    real_finetune = M.finetune
+
+    def finetune(*args):  # the real fine-tuning, with LoRA kept after epoch 1
+        for step in real_finetune(*args):
+            if step[0] == 1:
+                after_one.extend(p.detach().clone() for p in lora)
+            yield step
+    monkeypatch.setattr(M, "finetune", finetune)
+    found, kept, trace = M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), lr=1e-2,
+                                         max_epochs=10, s_minus_0=10.0, alpha=0.1)
+    assert (found, kept) == (e_star, done)
     assert [e["epoch"] for e in trace] == list(range(1, trained + 1))  # training stops at the drifting epoch
     assert [e["s_minus"] for e in trace] == s_minus[:trained]
     assert trace[-1]["drift"] == pytest.approx(abs(s_minus[trained - 1] - 10.0) / 10.0)
-    assert any(p.abs().sum() > 0 for p in lora[1::2])  # the probe trained LoRA's B
+    if not done:  # E* > 1: task 1 trains again from the start, under its own cosine
+        assert all(torch.equal(p, p0) for p, p0 in zip(lora, start))
+    elif found == 1:  # the first epoch's LoRA is E* = 1's training, bit for bit: no second pass
+        assert all(torch.equal(p, p1) for p, p1 in zip(lora, after_one)) and any(p.abs().sum() > 0 for p in lora[1::2])
 
 
 def test_epoch_search_on_real_s_minus():
@@ -226,7 +239,7 @@ def test_epoch_search_on_real_s_minus():
         (1, True)
     M.set_lora(lora, untouched)
     assert M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-7, 3, s_minus_0, 0.1)[:2] == \
-        (3, False)
+        (3, True)
 
 
 # ---------------------------------------------------------------- metrics
@@ -265,7 +278,7 @@ def test_synthetic_run_learns_and_compensation_helps(synthetic_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["task"] for r in rows] == [1, 2, 3, 4]
     assert [r["acc"] for r in rows] == s["acc"] and [r["acc_per_task"] for r in rows] == s["acc_matrix"]
-    assert all(set(r["gap_before"]) == {"s_plus", "s_minus", "centroid"} for r in rows)
+    assert all(set(r["gap_before"]) == {"s_plus", "s_minus", "centroid_gap"} for r in rows)
     assert s["avg"] == pytest.approx(sum(s["acc"]) / 4)
     assert {"train", "features", "eval"} == set(s["phases"])
     assert [e["epoch"] for e in s["search"]] == [1] and s["search"][0]["drift"] > 0.1  # E* = 1: drift at epoch 1
@@ -688,7 +701,7 @@ def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
     feats, labels = M.image_features(clip.model, feed.batches(range(5, 10), 64, "features"))
     expected = M.modality_gap(feats, M.text_features(clip.model, tokens[:10]), labels, 100.0)
     got = s["gap"][1]["before"]
-    assert (got["s_plus"], got["s_minus"], got["centroid"]) == pytest.approx(expected, rel=1e-4)
+    assert (got["s_plus"], got["s_minus"], got["centroid_gap"]) == pytest.approx(expected, rel=1e-4)
     assert s["gap"][1]["after"]["s_minus"] != pytest.approx(expected[1], rel=1e-3)
 
 
@@ -959,7 +972,7 @@ def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run)
     cfg = settings()
     data = M.synthetic_benchmark(cfg)
     clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)  # open_clip's CLIP class, seeded as the run
-    lora = copied["add_lora"](clip.model, rank=8, alpha=1.0)
+    lora = copied["add_lora"](clip.model, rank=8, lora_alpha=1.0)
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
     tasks = []
     for t, classes in enumerate(M.split_tasks(20, 4)):
@@ -982,9 +995,12 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
     lora = M.add_lora(clip.model)
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter.", "a good photo of a miter."])
     batches = tiny_batches(clip)  # labels 0, 1
-    one_shot = (b for b in batches)
-    with pytest.raises(TypeError, match="re-iterable"):
-        next(M.finetune(clip.model, lora, one_shot, tokens, range(0, 2), 1e-2, 2))
+    one_shot = M.finetune(clip.model, lora, (b for b in batches), tokens, range(0, 2), 1e-2, 2)
+    next(one_shot)  # a generator serves one epoch, and then it is empty
+    with pytest.raises(ValueError, match="epoch 2 are empty \\(a generator is"):
+        next(one_shot)
+    with pytest.raises(ValueError, match="feature batches are empty \\(a generator is"):
+        M.image_features(clip.model, (b for b in []))
     before = [p.detach().clone() for p in lora]
     with pytest.raises(ValueError, match="class-order positions"):  # task 2 is classes 1..2, labels counted from 0
         next(M.finetune(clip.model, lora, batches, tokens, range(1, 3), 1e-2, 1))
@@ -994,7 +1010,7 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
                                   1e-3, 2, 1, 0)
     with pytest.raises(ValueError, match="index the 2 prompts"):  # task 2's labels given to a task-2-only gap
         M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([2, 3, 2, 3]), 100.0)
-    with pytest.raises(ValueError, match="prompts"):  # the tokens of task 2 alone, not of every class up to it
+    with pytest.raises(TypeError, match="a prompt for every class up to 2"):  # task 2's tokens alone
         next(M.finetune(clip.model, lora, [(x, y + 1) for x, y in batches], tokens[1:], range(1, 3), 1e-2, 1))
     with pytest.raises(TypeError, match="logit_scale.exp"):
         M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale)

@@ -95,7 +95,8 @@ def loader_figures(clip, args) -> list[dict]:
     """The loader figure, per worker count: CIFAR-sized uint8 images in memory, and JPEG files of 500 x 375."""
     n, g = args.loader_images, torch.Generator().manual_seed(0)
     labels = torch.zeros(n, dtype=torch.long)
-    cifar = M.Split(labels, torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), size=224)
+    at_224 = M.input_transform(dict(size=224))  # OpenAI CLIP's: bicubic resize of the short side, center crop
+    cifar = M.Split(labels, torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), transform=at_224)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         files = [os.path.join(folder, f"{i}.jpg") for i in range(n)]
@@ -103,7 +104,7 @@ def loader_figures(clip, args) -> list[dict]:
             x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(375, 500), mode="bilinear")[0]
             x = ((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
             PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).save(path, quality=90)
-        for source, split in (("cifar-32px-uint8", cifar), ("jpeg-500x375", M.Split(labels, files=files, size=224))):
+        for source, split in (("cifar-32px-uint8", cifar), ("jpeg-500x375", M.Split(labels, files=files, transform=at_224))):
             for workers in args.loader_workers:
                 used, speed = loader_speed(clip, split, workers, args.eval_batch_size)
                 if not any(r["source"] == source and r["workers"] == used for r in rows):

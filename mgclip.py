@@ -27,7 +27,10 @@ Reading order: the method (one marked block that uses nothing else from this fil
 data, the settings and command line, running it (loaders, checkpoints, logs, main), the class lists. Timings:
 README.md, Performance.
 """
+__version__ = "2026.12"
+
 import argparse
+import fcntl
 import collections
 import dataclasses
 import importlib.metadata
@@ -36,6 +39,7 @@ import logging
 import math
 import os
 import pickle
+import pkgutil
 import platform
 import signal
 import subprocess
@@ -49,12 +53,14 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
@@ -498,6 +504,8 @@ def read_text(path, fix: str) -> str:
 
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
     """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
+    if num_classes < 2:
+        raise UserError(f"the benchmark has {num_classes} class; a class-incremental run needs at least 2 (a task too)")
     if initial_increment > num_classes:
         raise UserError(f"--initial-increment {initial_increment} is more than the {num_classes} classes")
     if initial_increment:
@@ -542,6 +550,38 @@ def input_transform(preprocess: dict) -> typing.Callable:
     from open_clip.transform import PreprocessCfg, image_transform_v2
     steps = image_transform_v2(PreprocessCfg(**preprocess), is_train=False).transforms[:-2]  # no ToTensor, Normalize
     return torchvision.transforms.Compose(steps + [TF.pil_to_tensor])
+
+
+PIL.Image.MAX_IMAGE_PIXELS = None  # a dataset's large images are photographs, not decompression bombs
+
+
+def unreadable(paths: list[str]) -> tuple[int, list[str]]:
+    """In a loader worker: PIL reads the header of each image file (verify); returns the count and the failures."""
+    bad = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                image.verify()
+        except Exception as e:
+            bad.append(f"{path} ({type(e).__name__})")
+    return len(paths), bad
+
+
+def check_images(files: list[str], workers: int, progress: bool):
+    """Every image file's header, checked in loader workers before task 1: a broken file is named now, not hours into
+    the run, with all the others."""
+    if not files:
+        return
+    loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=min(workers, os.cpu_count() or 1),
+                                         collate_fn=unreadable)
+    bad = []
+    with tqdm(total=len(files), desc="checking images", leave=False, disable=not progress) as bar:
+        for count, found in loader:
+            bar.update(count)
+            bad += found
+    if bad:
+        raise UserError(f"{len(bad)} of the {len(files)} images are unreadable ({', '.join(bad[:3])}); delete them, "
+                        f"or replace them with readable copies")
 
 
 def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
@@ -619,6 +659,8 @@ def load_cifar100(cfg) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
     files = [Path(cfg.data_root) / "cifar-100-python" / name for name in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
+    if missing and (Path(cfg.data_root) / "meta").is_file():  # torchvision would download a second copy inside it
+        raise UserError(f"--data-root {cfg.data_root} is cifar-100-python/ itself; point it at the folder above it")
     if missing:
         download(cfg, "CIFAR-100", missing[0], "--data-root",
                  lambda: torchvision.datasets.CIFAR100(cfg.data_root, download=True))
@@ -652,9 +694,6 @@ def load_food101(cfg) -> Benchmark:
         raise UserError(f"{meta / 'test.json'} is not JSON; delete food-101/ to download it again, or {fix}") from None
     images = meta.parent / "images"
     files = [(str(images / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
-    missing = next((f for f, _ in files if not os.path.isfile(f)), None)  # found now, not after every task
-    if missing:
-        raise UserError(f"{missing}, listed in {meta / 'test.json'}, does not exist; {fix}")
     test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
     no_train = Split(torch.zeros(0, dtype=torch.long), files=[])  # zero-shot only: nothing to train on
     return Benchmark(no_train, test, [c.replace("_", " ") for c in classes], list(range(len(classes))))
@@ -689,19 +728,24 @@ def class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
 def folder_split(folder: Path, classes: list[str]) -> Split:
-    """Every image of folder/<class>/ for the classes in class order, labelled by position."""
-    files, labels = [], []
-    for pos, name in enumerate(classes):
-        images = sorted(str(p) for p in (folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise UserError(f"class folder {folder / name} has no images ({', '.join(IMAGE_SUFFIXES)}) or is missing")
-        files += images
-        labels += [pos] * len(images)
-    return Split(torch.tensor(labels), files=files)
+    """Every image of folder/<class>/ for the classes in class order, labelled by position, as torchvision's
+    ImageFolder finds them (its extensions, subfolders, links); macOS's ._* files (not images) are skipped."""
+    macos = []
+
+    def is_image(path: str) -> bool:
+        if os.path.basename(path).startswith("._"):
+            macos.append(path)
+            return False
+        return has_file_allowed_extension(path, IMG_EXTENSIONS)
+    try:
+        found = make_dataset(str(folder), {name: pos for pos, name in enumerate(classes)}, is_valid_file=is_image)
+    except FileNotFoundError as e:
+        raise UserError(f"{folder}: {e}") from None
+    if macos:
+        log.info(f"skipped {len(macos)} macOS ._* files under {folder} (e.g. {macos[0]})")
+    found.sort(key=lambda item: (item[1], item[0]))
+    return Split(torch.tensor([pos for _, pos in found]), files=[path for path, _ in found])
 
 
 def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Split, Split]:
@@ -719,6 +763,18 @@ def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Spl
             Split(whole.labels[test], files=[whole.files[i] for i in test]))
 
 
+def wordnet_ids(listing: str) -> list[str]:
+    """A sorted list of WordNet ids that timm (open_clip's dependency) ships: ImageNet-1K's, ImageNet-R's."""
+    return pkgutil.get_data("timm", f"data/_info/{listing}").decode().split()
+
+
+def imagenet_r_names(wnids: list[str]) -> list[str]:
+    """ImageNet-R's class names as the authors' prompts spell them: each id's first WordNet lemma, with underscores."""
+    lines = pkgutil.get_data("timm", "data/_info/imagenet_synset_to_lemma.txt").decode().splitlines()
+    lemmas = dict(line.split("\t", 1) for line in lines)
+    return [lemmas[w].split(",")[0].strip().replace(" ", "_") for w in wnids]
+
+
 def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
     """Class folders of `source` (sorted, as torchvision's ImageFolder), class names and class order of an
     image-folder dataset; test_dir, when given, must hold the same class folders."""
@@ -730,16 +786,24 @@ def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str],
         differ = sorted(set(folders) ^ set(class_folders(test_dir)))
         raise UserError(f"the classes in {source} and {test_dir} differ ({', '.join(differ[:3])}...); "
                         f"both need the same class folders")
-    if cfg.dataset == "imagenet100" and len(folders) == 1000:
+    imagenet, imagenet_r = wordnet_ids("imagenet_synsets.txt"), wordnet_ids("imagenet_r_synsets.txt")
+    if cfg.dataset == "imagenet100" and folders == imagenet:
         folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
-    known = {"imagenet100": (IMAGENET_CLASSNAMES[:100], IMAGENET100_ORDER),
-             "imagenet-r": (IMAGENET_R_CLASSES.split(), IMAGENET_R_ORDER),
-             "imagenet": (IMAGENET_CLASSNAMES, range(1000)),
-             "vtab": ([n.strip() for n in VTAB_CLASSES.split(";")], range(50))}
+    known = {"imagenet100": (IMAGENET_CLASSNAMES[:100], IMAGENET100_ORDER, imagenet[:100]),
+             "imagenet-r": (imagenet_r_names(imagenet_r), IMAGENET_R_ORDER, imagenet_r),
+             "imagenet": (IMAGENET_CLASSNAMES, range(1000), imagenet),
+             "vtab": ([n.strip() for n in VTAB_CLASSES.split(";")], range(50), None)}
     if cfg.dataset in known:
-        names, order = known[cfg.dataset]
+        names, order, wnids = known[cfg.dataset]
+        if wnids is not None and folders != wnids:  # another "ImageNet-100" (CMC's, Kaggle's) would be misnamed
+            extra, missing = [f for f in folders if f not in wnids], [w for w in wnids if w not in folders]
+            raise UserError(f"{source} does not hold --dataset {cfg.dataset}'s classes: {len(extra)} class folders "
+                            f"are not its WordNet ids ({', '.join(extra[:3])}) and {len(missing)} ids have no folder "
+                            f"({', '.join(missing[:3])}); point --data-root at that dataset, or use --dataset folder")
         if len(folders) != len(names):
             raise UserError(f"{source} holds {len(folders)} class folders; --dataset {cfg.dataset} has {len(names)}")
+        if cfg.dataset == "vtab":  # its folder names vary between downloads: say which got which of the authors' names
+            log.info("VTAB's class folders, named: " + ", ".join(f"{f} = {n}" for f, n in zip(folders, names)))
         return folders, list(names), class_order(cfg, len(names), order)
     names = [n.replace("_", " ") for n in folders]
     listed = source.parent / "classnames.txt"
@@ -762,8 +826,12 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
             if line.lower() in ("train", "test"):
                 section = line.lower()
                 continue
-            file = line.split()[0]
+            file = os.path.relpath(line.split()[0], root) if os.path.isabs(line.split()[0]) else line.split()[0]
             listed[section or ("train" if file.startswith("train/") else "test")].append(root / file)
+    both = set(listed["train"]) & set(listed["test"])
+    if both:  # a test image trained on would score itself
+        raise UserError(f"--split-file lists {len(both)} images as train and test images (e.g. {min(both)}); give "
+                        f"the dataset's train and test lists, which share no image")
     splits = []
     for part, files in listed.items():
         for file in files:
@@ -880,7 +948,7 @@ class Settings:
     syn_train: int = arg(48, DATA, "synthetic: training images per class", low=1)
     syn_test: int = arg(16, DATA, "synthetic: test images per class", low=1)
     syn_size: int = arg(32, DATA, "synthetic: image side in pixels", low=8)
-    seed: int | None = arg(None, RUN, "random seed", low=0)
+    seed: int | None = arg(None, RUN, "random seed", low=0, high=2**32 - 1)
     device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
     workers: int = arg(4, RUN, "data-loader processes that decode and resize images", low=0)
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
@@ -905,10 +973,15 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
-def number(kind, low=None, above=None):
-    """An argparse type: a `kind` number of at least `low` or greater than `above` (nan is neither)."""
+def number(kind, low=None, above=None, high=None):
+    """An argparse type: a finite `kind` number of at least `low` or greater than `above` (nan is neither), and at
+    most `high`."""
     def parse(text):
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
         if low is not None and not value >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         if above is not None and not value > above:
@@ -922,6 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
     parser = Parser(description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
                     "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"mgclip {__version__}")
     groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
     for f in dataclasses.fields(Settings):
         meta = dict(f.metadata)
@@ -998,9 +1072,15 @@ def check_typed(typed: dict):
         idle.update(dict.fromkeys(("syn_classes", "syn_train", "syn_test", "syn_size"), f"--dataset is {dataset}"))
     if "zeroshot_eval" not in typed:
         idle["zeroshot_root"] = "it is the folder of --zeroshot-eval's data, and no --zeroshot-eval is given"
+    if typed.get("max_epochs") == 1 and "alpha" not in idle:
+        idle["max_epochs"] = "a search of one epoch finds E* = 1 whatever S- does; use --epochs 1"
     key = next((key for key in typed if key in idle), None)
     if key:
         raise UserError(f"--{key.replace('_', '-')} cannot act: {idle[key]}; drop it")
+    same_root = os.path.realpath(typed.get("zeroshot_root", "")) == os.path.realpath(typed.get("data_root", "data"))
+    if typed.get("zeroshot_eval") == dataset and (dataset == "synthetic" or same_root):
+        raise UserError(f"--zeroshot-eval {dataset} is the data the run trains on, not a measure of what it retains; "
+                        f"give another dataset (the paper: food101)")
     if typed.get("zeroshot_eval", "synthetic") != "synthetic" and "zeroshot_root" not in typed:
         raise UserError(f"--zeroshot-eval {typed['zeroshot_eval']} needs --zeroshot-root DIR, the folder of its data "
                         f"(Food-101 is downloaded there when missing)")
@@ -1031,6 +1111,8 @@ def check_settings(cfg: Settings):
                         f"e.g. --prompt 'a photo of a {{}}.'")
     if cfg.split_file and cfg.dataset in ("cifar100", "synthetic"):
         raise UserError(f"--split-file is for the image-folder datasets, not --dataset {cfg.dataset}")
+    if cfg.out is not None and not cfg.out.strip():
+        raise UserError("--out '' names no folder; give one, or drop --out for runs/<dataset>-<model>-...")
 
 
 def variant(cfg: Settings) -> str:
@@ -1075,7 +1157,13 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         hint = f"did you mean --model {close[0]}? Or " if close else ""
         raise UserError(f"unknown --model '{name}'; {hint}pick one of open_clip.list_models() or 'tiny'")
     else:
-        tokenize = open_clip_tokenizer(name)  # before the weights: a missing tokenizer fails in a second
+        try:  # before the weights: SigLIP's tokenizer comes from Hugging Face, and may be missing
+            tokenize = open_clip.get_tokenizer(name)
+        except Exception as e:
+            hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
+            raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({type(e).__name__}: {e}); "
+                            f"pip install transformers, and run once where the hub is reachable to cache it under "
+                            f"HF_HOME") from None
         model = open_clip_model(name, pretrained)
     # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
     preprocess = {"size": model.visual.image_size, **open_clip.get_model_preprocess_cfg(model)}
@@ -1083,18 +1171,6 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
     mean = torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocess.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
     return Clip(model.to(device).eval(), tokenize, size, input_transform(preprocess), mean, std)
-
-
-def open_clip_tokenizer(name: str) -> typing.Callable:
-    """open_clip's tokenizer of `name`; one that comes from Hugging Face (SigLIP's) fails in one line offline."""
-    import open_clip
-    try:
-        return open_clip.get_tokenizer(name)
-    except Exception as e:
-        hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
-        raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({type(e).__name__}: {e}); "
-                        f"pip install transformers, and run once where the hub is reachable to cache it under "
-                        f"HF_HOME") from None
 
 
 def open_clip_model(name: str, pretrained: str) -> nn.Module:
@@ -1108,12 +1184,19 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
         raise UserError(f"--pretrained {weights} is neither a file nor an open_clip tag of {name} ({known})")
     # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
     quick_gelu = is_tag and bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"))
+    # a weight file carries no preprocessing: take the one every tag of the model shares (SigLIP's mean 0.5, squash)
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    shared = {tuple(open_clip.get_pretrained_cfg(name, tag).get(k) for k in keys) for tag in tags}
+    preprocess = dict(zip(keys, shared.pop())) if weights and not is_tag and len(shared) == 1 else None
     logging.disable(logging.CRITICAL)  # open_clip and the hub log each retry; we report one line
     try:
-        return open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu)
+        return open_clip.create_model(name, pretrained=weights, force_quick_gelu=quick_gelu,
+                                      force_preprocess_cfg=preprocess)
     except Exception as e:
         reason = textwrap.shorten(str(e) or type(e).__name__, 160, placeholder=" ...")
-        if weights is not None and not is_tag:
+        if weights is None:
+            raise UserError(f"open_clip could not build --model {name} ({reason})") from None
+        if not is_tag:
             raise UserError(f"--pretrained {pretrained} is no checkpoint of --model {name} that open_clip can load "
                             f"({reason}); give that model's weights, or the --model they belong to") from None
         cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
@@ -1233,17 +1316,23 @@ def set_up(cfg: Settings) -> Run:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # every device's generator
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N: the timing syncs, peak memory, device name and pinned memory too
         torch.cuda.reset_peak_memory_stats(device)  # summary.json's peak is this run's
+        if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use tf32 (default)")
     data = load_benchmark(cfg)
     ranges = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
     zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
+    splits = [data.train, data.test] + ([zeroshot.test] if zeroshot else [])
+    progress = cfg.progress or sys.stderr.isatty()
+    check_images([file for split in splits if split.files for file in split.files], cfg.workers, progress)
     if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
         settle_offline(cfg)  # after the data: it only decides how the weights load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
     if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
         log.info(f"warning: no usable GPU found, so {cfg.model} runs on the CPU, which takes days for a benchmark; "
                  f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
-    for split in [data.train, data.test] + ([zeroshot.test] if zeroshot else []):
+    for split in splits:
         stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
         split.transform = None if stored else clip.transform  # files and other sizes: resized in the loader workers
     try:
@@ -1251,7 +1340,7 @@ def set_up(cfg: Settings) -> Run:
     except ValueError as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
-    clock, progress = {}, cfg.progress or sys.stderr.isatty()
+    clock = {}
     train = Feed(data.train, clip, clock, cfg.workers, progress)
     test = Feed(data.test, clip, clock, cfg.workers, progress)
     tasks = []
@@ -1267,24 +1356,42 @@ def set_up(cfg: Settings) -> Run:
 
 
 def run(cfg: Settings) -> dict:
-    """MG-CLIP over all tasks: set up, learn task after task with a checkpoint after each, then the summary."""
+    """MG-CLIP over all tasks into --out, which holds one run at a time; returns the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        setup_logging(out, append=bool(cfg.resume))
+        lock = open(out / ".lock", "a+")
     except OSError as e:
         raise UserError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); give a folder you can "
                         f"write to") from None
+    with lock:  # closing it drops the lock, and so does the system when the process dies, crash or not
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a resubmitted job, or a sweep whose runs share one --out
+            lock.seek(0)
+            raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to {out}; wait for it to "
+                            f"end, or give another --out") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        setup_logging(out, append=bool(cfg.resume))
+        return learn_and_summarize(cfg, out, started)
+
+
+def learn_and_summarize(cfg: Settings, out: Path, started: float) -> dict:
+    """Set up, learn task after task with a checkpoint after each, then the summary."""
+    record = run_record(cfg.device)
+    settings = dict(settings=dataclasses.asdict(cfg), run=record)
+    if not cfg.resume:  # at once: a run that fails while loading its data still says what it was
+        write_json(out / "settings.json", settings)
     r = set_up(cfg)
     state = resume_state(r, out) if cfg.resume else None
     if state is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     else:
         started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
-    # after the checks, so that a refused resume leaves it as it was; before task 1, so that a crash leaves it
-    record = run_record(cfg.device)
-    write_json(out / "settings.json", dict(settings=dataclasses.asdict(cfg), run=record))
+        write_json(out / "settings.json", settings)  # after the checks: a refused resume leaves it as it was
     hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
     tick = time.perf_counter()
     try:
@@ -1416,6 +1523,9 @@ def write_json(path: Path, obj, mode="w"):
 def load_checkpoint(out: str) -> dict:
     """The state saved after the last finished task of the run in OUT."""
     path = Path(out) / "checkpoint.pt"
+    if not path.is_file() and (Path(out) / "settings.json").is_file():
+        raise UserError(f"--resume {out}: no task of that run has finished yet, so there is nothing to resume; run "
+                        f"its command again (it starts afresh)")
     if not path.is_file():
         raise UserError(f"--resume {out}: no checkpoint.pt there; give the --out folder of an earlier run")
     try:
@@ -1448,11 +1558,15 @@ def setup_logging(out: Path, append: bool):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the last finished task's checkpoint stays, and one line says how to resume."""
+    """SIGTERM, SIGHUP (a dropped ssh session) or SIGUSR1 (SLURM's warning before pre-emption), handled as Ctrl-C is:
+    the last finished task's checkpoint stays, and one line says how to resume."""
 
 
 def terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signal.Signals(signum).name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 def stop(cfg: Settings | None, message: str, code: int = 1):
@@ -1460,14 +1574,17 @@ def stop(cfg: Settings | None, message: str, code: int = 1):
     if cfg is not None and (Path(cfg.out) / "log.txt").is_file():
         with open(Path(cfg.out) / "log.txt", "a") as fh:
             fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
-    print(message, file=sys.stderr)
+    try:
+        print(message, file=sys.stderr)
+    except OSError:  # the terminal is gone (SIGHUP): log.txt has the line
+        pass
     sys.exit(code)
 
 
 def main(argv=None):
     """Command line entry: every expected failure ends in one line saying what to do, and a non-zero exit."""
     cfg = None
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {signum: signal.signal(signum, terminate) for signum in STOP_SIGNALS}
     try:
         cfg = parse_settings(argv)
         run(cfg)
@@ -1478,38 +1595,27 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         stop(cfg, f"mgclip: error: out of GPU memory; lower --batch-size (now {cfg.batch_size}) "
                   f"or --eval-batch-size (now {cfg.eval_batch_size})")
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (SLURM's pre-emption, kill): exit 130 or 143
+    except RuntimeError as e:  # a loader worker's bus error: /dev/shm is full (Docker gives 64 MB)
+        if "shared memory" not in str(e):
+            raise
+        stop(cfg, f"mgclip: error: the loader workers ran out of shared memory (/dev/shm); lower --workers (now "
+                  f"{cfg.workers}), or give the container more (docker run --shm-size 8g)")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP / SIGUSR1: exit 130, or 128 + the signal
+        if argv is None:  # the process ends after this: a second Ctrl-C must not break the workers' shutdown
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         where = f"; resume with --resume {cfg.out}" if cfg and (Path(cfg.out) / "checkpoint.pt").is_file() else ""
-        terminated = isinstance(e, Terminated)
-        stop(cfg, f"mgclip: {'terminated' if terminated else 'interrupted'}{where}", 143 if terminated else 130)
+        if isinstance(e, Terminated):
+            stop(cfg, f"mgclip: terminated by {e}{where}", 128 + signal.Signals[str(e)].value)
+        else:
+            stop(cfg, f"mgclip: interrupted{where}", 130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ============================================================== Class lists and orders, out of the reader's way
-# ImageNet-R's names in index order (its sorted WordNet-id folders), as the authors' prompts spell them; VTAB's are
-# the authors' dataset_reqs/vtab_classes.txt, in the ImageFolder order of its 50 folders. The orders are the authors':
-# the class at position p of the order is ORDER[p].
-IMAGENET_R_CLASSES = """
-goldfish great_white_shark hammerhead stingray hen ostrich goldfinch junco bald_eagle vulture common_newt axolotl
-tree_frog common_iguana African_chameleon Indian_cobra scorpion tarantula centipede peacock lorikeet hummingbird
-toucan drake goose black_swan koala jellyfish snail American_lobster hermit_crab flamingo American_egret pelican
-king_penguin grey_whale killer_whale sea_lion Chihuahua Shih-Tzu Afghan_hound basset beagle bloodhound
-Italian_greyhound whippet Weimaraner Yorkshire_terrier Boston_bull Scotch_terrier West_Highland_white_terrier
-golden_retriever Labrador_retriever cocker_spaniel collie Border_collie Rottweiler German_shepherd boxer
-French_bulldog Saint_Bernard Siberian_husky dalmatian pug Pomeranian chow Pembroke toy_poodle standard_poodle
-timber_wolf hyena red_fox tabby leopard snow_leopard lion tiger cheetah ice_bear meerkat ladybug fly bee ant
-grasshopper cockroach mantis dragonfly monarch starfish wood_rabbit porcupine fox_squirrel beaver guinea_pig zebra
-hog hippopotamus bison gazelle llama skunk badger orangutan gorilla chimpanzee gibbon baboon giant_panda eel
-anemone_fish puffer accordion ambulance assault_rifle backpack barn barrow basketball bathtub beacon beer_glass
-binoculars birdhouse bow_tie broom bucket caldron candle cannon canoe carousel castle cellular_telephone cowboy_hat
-electric_guitar fire_engine flute gasmask grand_piano guillotine hammer harmonica harp hatchet jeep joystick
-lab_coat lawn_mower lipstick mailbox missile mitten parachute pickup pirate revolver rugby_ball sandal sax
-school_bus schooner shield soccer_ball space_shuttle spider_web steam_locomotive stole submarine tank tennis_ball
-tractor trombone vase violin warplane wine_bottle ice_cream bagel pretzel cheeseburger hotdog head_cabbage broccoli
-cucumber bell_pepper mushroom Granny_Smith strawberry lemon pineapple banana pomegranate pizza burrito espresso
-volcano ballplayer scuba_diver acorn
-"""
+# VTAB's class names are the authors' dataset_reqs/vtab_classes.txt, in the ImageFolder order of its 50 folders. The
+# orders are the authors': the class at position p of the order is ORDER[p].
 VTAB_CLASSES = """
 airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church; circular farmland; cloud;
 banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked; crosshatched; crystalline; Abyssinian Cat;
@@ -1522,11 +1628,7 @@ CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78,
                   45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73,
                   1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89,
                   43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39]
-IMAGENET100_ORDER = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76, 40, 89, 3, 92, 55, 9, 26, 80, 43, 38, 58, 70, 77, 1, 85,
-                     19, 17, 50, 28, 53, 13, 81, 45, 82, 6, 59, 83, 16, 15, 44, 91, 41, 72, 60, 79, 52, 20, 10, 31,
-                     54, 37, 95, 14, 71, 96, 98, 97, 2, 64, 66, 42, 22, 35, 86, 24, 34, 87, 21, 99, 0, 88, 27, 18,
-                     94, 11, 12, 47, 25, 30, 46, 62, 69, 36, 61, 7, 63, 75, 5, 32, 4, 51, 48, 73, 93, 39, 67, 29,
-                     49, 57, 33]
+IMAGENET100_ORDER = numpy.random.RandomState(1993).permutation(100).tolist()  # the seed of continuum and PyCIL
 IMAGENET_R_ORDER = [150, 119, 193, 2, 75, 179, 129, 68, 145, 53, 171, 133, 31, 103, 146, 174, 149, 40, 142, 30, 183,
                     156, 167, 166, 124, 56, 109, 198, 185, 170, 51, 55, 77, 32, 45, 23, 115, 39, 134, 177, 12, 126,
                     130, 37, 19, 34, 0, 135, 161, 108, 128, 18, 141, 24, 154, 160, 78, 85, 89, 73, 152, 112, 114,

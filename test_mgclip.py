@@ -402,14 +402,20 @@ def test_folder_classnames_file(tmp_path):
     assert sorted(data.classnames) == ["golden retriever", "tabby cat"]
 
 
-# Class folders as the real datasets sort them (the first of ImageNet-R's 200 is n01443537, goldfish).
-IMAGENET_R_WNIDS = ["n01443537"] + [f"n02{i:06d}" for i in range(199)]
-IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
+# Class folders as the real datasets name and sort them (the first of ImageNet-R's 200 is n01443537, goldfish).
+IMAGENET_R_WNIDS = M.wordnet_ids("imagenet_r_synsets.txt")
+IMAGENET_WNIDS = M.wordnet_ids("imagenet_synsets.txt")
 
 
 def test_imagenet_r_raw_download_is_split_80_20_the_same_every_time(tmp_path):
     wnids = IMAGENET_R_WNIDS
-    assert len(M.IMAGENET_R_CLASSES.split()) == 200 and M.IMAGENET_R_CLASSES.split()[0] == "goldfish"
+    names = M.imagenet_r_names(wnids)
+    assert len(wnids) == 200 and wnids[0] == "n01443537" and IMAGENET_WNIDS[0] == "n01440764" == min(IMAGENET_WNIDS)
+    assert (names[0], names[1], names[-1]) == ("goldfish", "great_white_shark", "acorn")
+    listed = HERE.parent / "shared" / "data" / "imagenet_r_classes.tsv"  # the authors' spelling, where CI has it
+    if listed.is_file():
+        assert [line.split("\t")[1:] for line in listed.read_text().splitlines()[1:]] == [list(p) for p in
+                                                                                          zip(wnids, names)]
     for k, w in enumerate(wnids):
         write_images(tmp_path / "r" / w, 5 if k else 10, size=(4, 4), seed=k)
     cfg = M.parse_settings(["--dataset", "imagenet-r", "--data-root", str(tmp_path / "r")])
@@ -574,10 +580,17 @@ def test_plot_script_draws_accuracy_gap_and_search(synthetic_run, tmp_path):
 
 
 def test_zeroshot_before_is_the_untouched_clip(tmp_path):
-    s = M.run(settings("--epochs", "1", "--tasks", "4", "--zeroshot-eval", "synthetic", "--out", str(tmp_path)))
-    # the same benchmark zero-shot: 'before' is the untouched model, 'after' the text branch after all tasks
-    assert s["zeroshot"]["after"] == pytest.approx(s["acc_text"][-1])
-    assert s["zeroshot"]["before"] == pytest.approx(5.0)  # a random-init CLIP knows nothing: chance
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=1, test=3)
+    s = M.run(settings("--epochs", "1", "--tasks", "2", "--zeroshot-eval", "folder", "--zeroshot-root", str(root),
+                       "--out", str(tmp_path / "o")))
+    clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)  # the run's CLIP as it starts, seeded alike
+    M.add_lora(clip.model)
+    data = M.load_zeroshot(settings("--zeroshot-eval", "folder", "--zeroshot-root", str(root)))
+    data.test.transform = clip.transform
+    batches = M.Feed(data.test, clip, {}, workers=0, progress=False).batches(range(4), 64, "zeroshot")
+    tokens = clip.tokenize([f"a good photo of a {n}." for n in data.classnames])
+    assert s["zeroshot"]["before"] == M.zeroshot_accuracy(clip.model, batches, tokens)
+    assert "is the data the run trains on" in fail(["--dataset", "synthetic", "--zeroshot-eval", "synthetic"])
 
 
 def test_missing_zeroshot_data_offline(tmp_path):
@@ -847,7 +860,13 @@ def test_summary_records_the_data_used(synthetic_run):
     (["--vis-batch-size", "0"], "--vis-batch-size: must be at least 1"),
     (["--lora-rank", "0"], "--lora-rank: must be at least 1"),
     (["--lr", "-1"], "--lr: must be greater than 0"),
-    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--epochs", "-1"], "--epochs: must be at least 0"),
+    (["--seed", "99999999999999999999"], "--seed: must be at most 4294967295"),
+    (["--seed", "20000000000000000"], "--seed: must be at most"),
+    (["--lr", "inf"], "--lr: must be a finite number"),
+    (["--out", ""], "--out '' names no folder"),
+    (["--max-epochs", "1"], "--max-epochs cannot act: a search of one epoch finds E* = 1"),
+    (["--model", "ViT-B/16", "--pretrained", "none"], "did you mean --model ViT-B-16"),
     (["--max-epochs", "0"], "--max-epochs: must be at least 1"),
     (["--alpha", "-1"], "--alpha: must be greater than 0"),
     (["--prompt", "a photo"], "--prompt"),
@@ -930,7 +949,8 @@ def test_the_log_names_the_learning_rate_each_epoch_ran_at(tmp_path):
 
 
 def test_loader_workers_stay_alive_and_the_script_names_no_missing_files():
-    split = M.Split(torch.zeros(4, dtype=torch.long), torch.zeros(4, 3, 8, 8, dtype=torch.uint8), size=32)
+    split = M.Split(torch.zeros(4, dtype=torch.long), torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                    transform=M.input_transform(dict(size=32)))
     assert M.Feed(split, tiny_clip(), {}, workers=2, progress=False).loader.persistent_workers
     source = (HERE / "mgclip.py").read_text()
     assert "METHOD.md" not in source and "class_orders.json" not in source and "_classes.tsv" not in source
@@ -1048,21 +1068,27 @@ def test_a_tower_that_lora_cannot_reach_is_refused():
 
 
 def test_each_image_is_decoded_once_per_pass_by_workers_that_start_once(tmp_path, monkeypatch):
-    """Counted in the workers themselves: every PIL.Image.open appends its process id to a file."""
+    """Counted in the workers themselves: every PIL open, and every decode (read_image), appends its process id."""
     root = write_folder_dataset(tmp_path / "d", [f"c{i}" for i in range(10)], train=3, test=2)
-    opened, real_open = tmp_path / "opened.txt", PIL.Image.open
+    opened, decoded = tmp_path / "opened.txt", tmp_path / "decoded.txt"
+    real_open, real_read = PIL.Image.open, M.read_image
 
-    def counting_open(path, *args, **kwargs):
-        with open(opened, "a") as fh:
-            fh.write(f"{os.getpid()}\n")
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    def counting(record, real):
+        def count(*args, **kwargs):
+            with open(record, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+            return real(*args, **kwargs)
+        return count
+    monkeypatch.setattr(PIL.Image, "open", counting(opened, real_open))
+    monkeypatch.setattr(M, "read_image", counting(decoded, real_read))
     M.run(M.parse_settings(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2",
                             "--epochs", "1", "--workers", "2", "--out", str(tmp_path / "out")]))
-    pids = opened.read_text().split()
+    pids = decoded.read_text().split()
     # per task: S+ / S- before, one epoch, features after (15 training images each), then every seen test image
     assert len(pids) == (3 * 15 + 10) + (3 * 15 + 20)
     assert os.getpid() not in map(int, pids) and len(set(pids)) <= 4  # 2 workers for each split, for the whole run
+    checked = len(opened.read_text().split()) - len(pids)
+    assert checked == 30 + 20  # and every file's header once before task 1, in workers too
 
 
 def test_gpu_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
@@ -1093,6 +1119,8 @@ def test_vtab_is_fifty_folders_in_imagefolder_order_with_the_authors_names(tmp_p
     assert (cfg.tasks, cfg.lr, cfg.batch_size, cfg.vis_lr) == (5, 1e-3, 128, 5e-4)  # the CIFAR-100 settings
     s = M.run(cfg)
     assert s["classnames"] == names and s["class_order"] == list(range(50)) and len(s["acc"]) == 5
+    assert "VTAB's class folders, named: 00_airplane = airplane, 01_airport = airport" in \
+        (tmp_path / "out" / "log.txt").read_text()
     assert [g["task"] for g in s["gap"]] == [1, 2, 3, 4, 5]
     (tmp_path / "vtab" / "train" / folders[0]).rename(tmp_path / "vtab" / "elsewhere")
     (tmp_path / "vtab" / "test" / folders[0]).rename(tmp_path / "vtab" / "elsewhere2")
@@ -1139,9 +1167,9 @@ def test_a_resume_on_other_data_is_refused_and_zero_shot_can_be_added_to_a_finis
     assert (tmp_path / "run" / "settings.json").read_text() == settings_before  # the refused run changed nothing
     M.main(["--resume", str(tmp_path / "run")])
     finished = json.loads((tmp_path / "run" / "summary.json").read_text())
-    M.main(["--resume", str(tmp_path / "run"), "--zeroshot-eval", "folder", "--zeroshot-root", str(root)])
+    M.main(["--resume", str(tmp_path / "run"), "--zeroshot-eval", "folder", "--zeroshot-root", str(tmp_path / "other")])
     again = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert again["zeroshot"]["after"] == pytest.approx(again["acc_text"][-1]) and again["acc"] == finished["acc"]
+    assert 0 <= again["zeroshot"]["after"] <= 100 and again["acc"] == finished["acc"]
 
 
 def test_a_refusal_names_every_setting_that_differs_as_typed(tmp_path, monkeypatch):
@@ -1178,7 +1206,7 @@ def test_broken_data_files_are_one_line_each(tmp_path):
     argv = ["--dataset", "synthetic", "--epochs", "1", "--zeroshot-eval", "food101", "--zeroshot-root", str(food),
             "--out", str(tmp_path / "o")]
     os.unlink(food / "food-101" / "images" / "apple_pie" / "1.jpg")
-    assert "apple_pie/1.jpg, listed in" in fail(argv)
+    assert "1 of the 9 images are unreadable" in fail(argv) and "apple_pie/1.jpg (FileNotFoundError)" in fail(argv)
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # found before task 1, not after the last
     (food / "food-101" / "meta" / "test.json").write_text("{broken")
     assert "is not JSON" in fail(argv)
@@ -1251,7 +1279,8 @@ def test_bad_output_folders_and_a_full_disk_lose_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     message = fail(["--dataset", "synthetic", "--epochs", "1", "--out", str(out)])
     assert "cannot save task 2" in message and "disk full" in message and f"--resume {out}" in message
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.txt", "metrics.jsonl", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "log.txt", "metrics.jsonl",
+                                                     "settings.json"]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert len(state["rows"]) == 1 == len((out / "metrics.jsonl").read_text().splitlines())
     assert (out / "log.txt").read_text().splitlines()[-1].endswith(" " + message)
@@ -1273,7 +1302,7 @@ def test_a_closed_stdout_and_sigterm_lose_nothing(tmp_path):
     run.send_signal(signal.SIGTERM)  # what SLURM sends on pre-emption
     err = run.communicate(timeout=60)[1]
     assert run.returncode == 143 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == f"mgclip: terminated; resume with --resume {tmp_path / 'b'}"
+    assert err.strip().splitlines()[-1] == f"mgclip: terminated by SIGTERM; resume with --resume {tmp_path / 'b'}"
     assert (tmp_path / "b" / "log.txt").read_text().splitlines()[-1].endswith(" " + err.strip().splitlines()[-1])
 
 
@@ -1298,3 +1327,310 @@ def test_a_local_weight_file_that_is_not_a_checkpoint_says_so(tmp_path):
     message = fail(["--dataset", "synthetic", "--model", "ViT-B-32", "--pretrained", str(tmp_path / "w.bin"),
                     "--out", str(tmp_path / "o")])
     assert "is no checkpoint of --model ViT-B-32" in message and "HF_HOME" not in message
+
+
+# ---------------------------------------------------------------- every open_clip self-attention layout (issue 23)
+import timm  # noqa: E402  (open_clip's own dependency)
+
+
+@timm.models.register_model
+def mgclip_test_eva(pretrained=False, **kwargs):
+    """EVA02's layout in 2 blocks: separate q / k / v projections, rotary embeddings."""
+    return timm.models.eva.Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, qkv_fused=False,
+                               use_rot_pos_emb=True, ref_feat_shape=(4, 4), **head(kwargs))
+
+
+@timm.models.register_model
+def mgclip_test_siglip(pretrained=False, **kwargs):
+    """SigLIP's layout in 2 blocks: timm's packed qkv Linear, and an attention-pooling (MAP) head that is no block."""
+    return timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                                            num_heads=2, class_token=False, **head(kwargs))
+
+
+def head(kwargs: dict) -> dict:
+    """What open_clip's TimmModel asks of the trunk (timm.create_model adds its own bookkeeping to the rest)."""
+    return {k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")}
+
+
+TEXT_CFG = dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2)
+LAYOUT_CONFIGS = {  # open_clip configs, as its JSON files give them
+    "mgclip-test-eva": dict(embed_dim=64, custom_text=True, text_cfg=TEXT_CFG, vision_cfg=dict(
+        image_size=32, timm_model_name="mgclip_test_eva", timm_model_pretrained=False, timm_pool="token",
+        timm_proj=None)),
+    "mgclip-test-map": dict(embed_dim=64, custom_text=True, init_logit_bias=-10, text_cfg=TEXT_CFG, vision_cfg=dict(
+        image_size=32, timm_model_name="mgclip_test_siglip", timm_model_pretrained=False, timm_pool="map",
+        timm_proj="none")),
+}
+
+
+@pytest.fixture(scope="module")
+def layout_models(tmp_path_factory):
+    """The two timm layouts registered as open_clip models, so that --model names them like any other."""
+    import open_clip
+    folder = tmp_path_factory.mktemp("configs")
+    for name, cfg in LAYOUT_CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return list(LAYOUT_CONFIGS)
+
+
+@pytest.mark.parametrize("name, blocks", [("tiny", 4), ("mgclip-test-eva", 6), ("mgclip-test-map", 4)])
+def test_lora_reaches_every_self_attention_block_and_nothing_else(layout_models, name, blocks):
+    clip = M.load_clip(name, "none", torch.device("cpu"))
+    model = clip.model
+    images = clip.input(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(tokens)
+    lora = M.add_lora(model)
+    # EVA: a LoRA on each of k_proj and v_proj (2 blocks x 2 + 2 text blocks); the others: one per packed weight
+    modules = [m for m in model.modules() if isinstance(m, M.LoRAKeyValue)]
+    assert len(modules) == blocks and [p for p in model.parameters() if p.requires_grad] == lora
+    assert sum(p.numel() for p in lora) == 2 * (2 * 2 * 8 * (64 + 64))  # 2 blocks a tower, keys and values, r = 8
+    assert not any("attn_pool" in n or "head" in n for n, m in model.named_modules() if isinstance(m, M.LoRAKeyValue))
+    with torch.no_grad():
+        after = model.encode_image(images), model.encode_text(tokens)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+    with torch.no_grad():
+        for m in modules:
+            m.B.normal_()
+    loss = model.encode_image(images).sum() + model.encode_text(tokens).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)  # both towers, every block
+
+
+def test_each_model_gets_its_own_input_and_a_cli_run_on_a_timm_layout(layout_models, tmp_path, monkeypatch):
+    """A weight tag records its preprocessing in open_clip (SigLIP's webli: mean and std 0.5, squash): the tag and a
+    bare file of the same weights both get it."""
+    import open_clip
+    weights = tmp_path / "webli.pt"
+    torch.save(open_clip.create_model("mgclip-test-map").state_dict(), weights)
+    tag = dict(file=str(weights), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", resize_mode="squash")
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "mgclip-test-map", {"webli": tag})
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 60, 3), dtype=np.uint8))
+    squashed = torch.as_tensor(np.asarray(image.resize((32, 32), PIL.Image.BICUBIC))).permute(2, 0, 1)
+    for pretrained in ("webli", str(weights)):
+        siglip = M.load_clip("mgclip-test-map", pretrained, torch.device("cpu"))
+        assert siglip.mean.flatten().tolist() == [0.5] * 3 and siglip.std.flatten().tolist() == [0.5] * 3
+        assert torch.equal(siglip.transform(image), squashed)  # squashed, not cropped: every column survives
+    assert M.load_clip("mgclip-test-map", "none", torch.device("cpu")).mean.flatten()[0] != 0.5
+    s = M.run(M.parse_settings(["--dataset", "synthetic", "--model", "mgclip-test-eva", "--pretrained", "none",
+                                "--tasks", "2", "--epochs", "1", "--syn-train", "8", "--syn-test", "4",
+                                "--out", str(tmp_path / "eva")]))
+    assert len(s["acc"]) == 2 and s["lora_parameters"] == 8192
+
+
+def test_towers_without_self_attention_and_a_missing_tokenizer_are_one_line(tmp_path):
+    import open_clip
+    with pytest.raises(ValueError, match="the image tower \\(TimmModel\\) has no self-attention block"):
+        M.add_lora(open_clip.create_model("convnext_base", pretrained=None))
+    message = fail(["--dataset", "synthetic", "--model", "convnext_base", "--pretrained", "none", "--epochs", "1",
+                    "--out", str(tmp_path / "o")])
+    assert "--model convnext_base" in message and "ViT, SigLIP, EVA02, ViTamin or MobileCLIP" in message
+    message = fail(["--dataset", "synthetic", "--model", "ViT-B-16-SigLIP2", "--pretrained", "none",
+                    "--out", str(tmp_path / "o")])
+    assert "needs the tokenizer timm/ViT-B-16-SigLIP2" in message and "pip install transformers" in message
+
+
+def test_mobileclip_keeps_its_batchnorm_statistics_while_lora_trains():
+    """FastViT's attention stages take LoRA; its BatchNorm is frozen like every other weight, statistics included."""
+    import open_clip
+    model = open_clip.create_model("MobileCLIP-S1", pretrained=None)
+    lora = M.add_lora(model)
+    assert sum(p.numel() for p in lora) == 262_144
+    stats = {n: b.detach().clone() for n, b in model.named_buffers() if "running" in n}
+    x = torch.randn(2, 3, 256, 256)
+    tokens = open_clip.get_tokenizer("MobileCLIP-S1")(["a photo of a cat.", "a photo of a dog."])
+    next(M.finetune(model, lora, [(x, torch.tensor([0, 1]))], tokens, range(0, 2), 1e-3, 1))
+    assert stats and all(torch.equal(b, stats[n]) for n, b in model.named_buffers() if "running" in n)
+    assert any(m.B.abs().sum() > 0 for m in model.modules() if isinstance(m, M.LoRAKeyValue))
+
+
+# ---------------------------------------------------------------- no silently wrong number from the method (issue 24)
+def test_the_method_refuses_what_would_silently_miscount():
+    clip = tiny_clip()
+    lora = M.add_lora(clip.model)
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    batches = tiny_batches(clip)  # labels 0, 1
+    x, y = batches[0]
+    with pytest.raises(ValueError, match="no test image of classes 2..3"):  # 0% would read as forgetting
+        M.accuracy(torch.ones(4), torch.tensor([2.0, 2.0, 0.0, 0.0]), range(2, 4))
+    with pytest.raises(ValueError, match="epoch 1 are empty"):
+        next(M.finetune(clip.model, lora, [], tokens, range(0, 2), 1e-2, 3))
+    with pytest.raises(ValueError, match="one value per LoRA weight"):
+        M.set_lora(lora, [torch.zeros_like(p) for p in lora[:-1]])
+    bad_batches = {"int32 labels": (x, y.int()), "uint8 labels": (x, y.to(torch.uint8)), "float labels": (x, y.float()),
+                   "uint8 images": ((x * 50).to(torch.uint8), y), "another device": (x.to("meta"), y)}
+    for name, batch in bad_batches.items():
+        for call in (lambda: next(M.finetune(clip.model, lora, [batch], tokens, range(0, 2), 1e-2, 1)),
+                     lambda: M.image_features(clip.model, [batch]),
+                     lambda: M.evaluate(clip.model, [batch], M.text_features(clip.model, tokens), None)):
+            with pytest.raises(TypeError, match="a batch is \\(float images as the model takes them, int64 labels"):
+                call()
+    with pytest.raises(TypeError, match="tokenizer's tensor"):
+        M.text_features(clip.model, ["a good photo of a kalo.", "a good photo of a zuter."])
+    with pytest.raises(ValueError, match="fp16 autocast needs a gradient scaler"):
+        next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1, torch.float16))
+    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # nothing trained
+
+
+def test_forward_context_builds_no_autocast_for_fp32(monkeypatch):
+    """torch 2.1-2.4 reject autocast("mps") even when disabled: fp32 must not build one at all."""
+    def no_autocast(*args, **kwargs):
+        raise RuntimeError("autocast built")
+    monkeypatch.setattr(torch, "autocast", no_autocast)
+    with M.forward_context(torch.device("mps"), None):
+        pass
+    with pytest.raises(RuntimeError, match="autocast built"):
+        with M.forward_context(torch.device("cpu"), torch.bfloat16):
+            pass
+
+
+def test_the_block_sets_the_mode_itself_and_before_is_always_the_pretrained_clip(synthetic_run):
+    """A model handed over in train() mode with patch dropout, and a state continued on a model that has trained."""
+    import open_clip
+    torch.manual_seed(0)
+    dropout = open_clip.CLIP(**dict(M.TINY_CLIP, vision_cfg=dict(M.TINY_CLIP["vision_cfg"], patch_dropout=0.5)))
+    M.add_lora(dropout)
+    batches = tiny_batches(tiny_clip())
+    dropout.train()
+    with torch.no_grad():  # in train mode, half the patches drop at random
+        assert not torch.equal(dropout.encode_image(batches[0][0]), dropout.encode_image(batches[0][0]))
+    assert torch.equal(M.image_features(dropout, batches)[0], M.image_features(dropout, batches)[0])
+    cfg = settings()
+    data = M.synthetic_benchmark(cfg)
+    clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)
+    lora = M.add_lora(clip.model)
+    tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
+    tasks = []
+    for t, classes in enumerate(M.split_tasks(20, 4)):
+        mine = (data.train.labels >= classes.start) & (data.train.labels < classes.stop)
+        seen = data.test.labels < classes.stop
+        x, y = clip.input(data.train.pixels[mine]), data.train.labels[mine]
+        test = EpochBatches(clip.input(data.test.pixels[seen]), data.test.labels[seen], 256)
+        tasks.append(M.Task(classes, EpochBatches(x, y, 16, seed=t + 1), EpochBatches(x, y, 256), test))
+    hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    after_one = next(M.learn_tasks(clip.model, lora, tokens, tasks, hp, report=lambda line: None))
+    # the same model, trained on task 1, continues from its own state: task 2's "before" is still the pre-trained CLIP
+    second = next(M.learn_tasks(clip.model, lora, tokens, tasks, hp, state=after_one, report=lambda line: None))
+    expected = [json.loads(line) for line in (synthetic_run[0] / "metrics.jsonl").read_text().splitlines()][1]
+    assert second["rows"][1]["gap_before"] == expected["gap_before"] and second["rows"][1]["acc"] == expected["acc"]
+
+
+def test_search_keeps_the_probes_first_epoch_instead_of_training_it_again(synthetic_run, tmp_path):
+    """E* = 1 on task 1: the probe's epoch 1 is the training, so 4 epochs train in all (not 5), with the numbers
+    unchanged; a drift at epoch 2 (alpha 0.5) also gives E* = 1: 5 epochs, not 6."""
+    per_epoch = 5 * 48  # a task's training images
+    clock = torch.load(synthetic_run[0] / "checkpoint.pt", weights_only=True)["clock"]
+    assert clock["train"][1] == 4 * per_epoch and synthetic_run[1]["avg"] == 46.484375
+    s = M.run(settings("--alpha", "0.5", "--out", str(tmp_path)))
+    clock = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["clock"]
+    assert [e["epoch"] for e in s["search"]] == [1, 2] and s["epochs_star"] == 1
+    assert clock["train"][1] == 5 * per_epoch
+
+
+# ---------------------------------------------------------------- every mistake, third layer (issue 26)
+def test_one_run_per_out_and_a_killed_run_leaves_no_lock(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    first = subprocess.Popen([sys.executable, str(HERE / "mgclip.py"), "--dataset", "synthetic", "--syn-train", "400",
+                              "--epochs", "1", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "settings.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    message = fail(["--dataset", "synthetic", "--syn-train", "400", "--epochs", "1", "--out", str(out)])
+    assert f"another run (pid {first.pid}) is writing to {out}" in message
+    first.send_signal(signal.SIGKILL)  # a crash: no handler runs, the system drops the lock
+    first.communicate(timeout=60)
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # start afresh, in the same folder, with its .lock still there
+    M.main(["--dataset", "synthetic", "--syn-train", "400", "--epochs", "1", "--tasks", "1", "--out", str(out),
+            "--syn-test", "1"])
+    assert (out / "summary.json").is_file()
+
+
+def test_named_benchmarks_check_their_wordnet_ids(tmp_path):
+    kaggle = [f"n{i:08d}" for i in range(100)]  # another "ImageNet-100": 100 folders, other classes
+    for k, w in enumerate(kaggle):
+        for part in ("train", "val"):
+            (tmp_path / "in" / part / w).mkdir(parents=True)
+    message = fail(["--dataset", "imagenet100", "--data-root", str(tmp_path / "in"), "--model", "tiny",
+                    "--out", str(tmp_path / "o")])
+    assert "does not hold --dataset imagenet100's classes: 100 class folders are not its WordNet ids (n00000000" in \
+        message and "100 ids have no folder (n01440764" in message
+
+
+def test_every_image_is_checked_before_task_1_by_imagefolders_rules(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=2, test=1)
+    write_images(root / "train" / "c0" / "nested" / "deeper", 2, seed=0)  # subfolders count, as in ImageFolder
+    PIL.Image.new("RGB", (30, 40), "red").save(root / "train" / "c1" / "a.bmp")
+    PIL.Image.new("RGB", (30, 40), "red").save(root / "train" / "c1" / "b.tif")
+    (root / "train" / "c2" / "._img0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (root / "val" / "c3" / "page.jpg").write_text("<html>not an image</html>")  # the last class's test folder
+    argv = ["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2", "--epochs", "1",
+            "--workers", "2", "--out", str(tmp_path / "o")]
+    message = fail(argv)
+    assert "1 of the 17 images are unreadable" in message and "page.jpg (UnidentifiedImageError)" in message
+    assert not (tmp_path / "o" / "metrics.jsonl").exists() and (tmp_path / "o" / "settings.json").is_file()
+    (root / "val" / "c3" / "page.jpg").unlink()
+    data = M.load_benchmark(M.parse_settings(argv))
+    assert len(data.train) == 8 + 2 + 2 and not any("._" in f for f in data.train.files)
+    assert "skipped 1 macOS ._* files" in (tmp_path / "o" / "log.txt").read_text()  # from the refused run
+
+
+def test_split_lists_whose_test_images_are_training_images_are_refused(tmp_path):
+    root = write_imagenet_r(tmp_path / "r", IMAGENET_R_WNIDS)
+    train = "\n".join(f"{root / w}/art_{i}.png" for w in IMAGENET_R_WNIDS for i in (0, 1))  # absolute paths work
+    test = "\n".join(f"{w}/art_1.png" for w in IMAGENET_R_WNIDS)
+    (tmp_path / "s.txt").write_text(f"train\n{train}\ntest\n{test}\n")
+    message = fail(["--dataset", "imagenet-r", "--data-root", str(root), "--split-file", str(tmp_path / "s.txt"),
+                    "--model", "tiny", "--out", str(tmp_path / "o")])
+    assert "lists 200 images as train and test images" in message
+
+
+@pytest.mark.parametrize("signame, code", [("SIGHUP", 129), ("SIGUSR1", 138)])
+def test_a_dropped_session_or_slurms_warning_ends_like_sigterm(tmp_path, signame, code):
+    import signal
+    run = subprocess.Popen([sys.executable, str(HERE / "mgclip.py"), "--dataset", "synthetic", "--epochs", "1",
+                            "--syn-train", "200", "--out", str(tmp_path / "b")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoint.pt").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(getattr(signal, signame))
+    err = run.communicate(timeout=60)[1]
+    line = f"mgclip: terminated by {signame}; resume with --resume {tmp_path / 'b'}"
+    assert run.returncode == code and err.strip().splitlines()[-1] == line and "Traceback" not in err, err
+    assert (tmp_path / "b" / "log.txt").read_text().splitlines()[-1].endswith(" " + line)
+
+
+def test_misleading_lines_now_say_what_to_do(tmp_path, monkeypatch, capsys):
+    assert "nothing to resume; run its command again" in fail(["--resume", str(write_settings_only(tmp_path))])
+    one = write_folder_dataset(tmp_path / "one", ["c0"], train=1, test=1)
+    assert "has 1 class; a class-incremental run needs at least 2" in fail(
+        ["--dataset", "folder", "--model", "tiny", "--data-root", str(one), "--tasks", "1", "--out",
+         str(tmp_path / "p")])
+    cifar = write_cifar100(tmp_path / "c") / "cifar-100-python"
+    assert "is cifar-100-python/ itself; point it at the folder above it" in fail(
+        ["--dataset", "cifar100", "--model", "tiny", "--data-root", str(cifar), "--out", str(tmp_path / "o")])
+    M.main(["--dataset", "synthetic", "--no-compensation", "--epochs", "0", "--tasks", "2", "--out",
+            str(tmp_path / "z")])
+    log = (tmp_path / "z" / "log.txt").read_text()
+    assert "visual n/a" in log and "visual 0.00" not in log
+    assert M.__version__ in subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--version"], capture_output=True,
+                                           text=True, timeout=120).stdout
+
+
+def write_settings_only(folder: Path) -> Path:
+    """What a run interrupted in task 1's search leaves: settings.json and log.txt, no checkpoint.pt."""
+    (folder / "run").mkdir()
+    (folder / "run" / "settings.json").write_text("{}")
+    return folder / "run"
+
+
+def test_epochs_0_is_zero_shot_clip_with_no_training_pass(tmp_path):
+    s = M.run(settings("--epochs", "0", "--no-compensation", "--out", str(tmp_path / "z")))
+    assert "train" not in s["phases"] and s["epochs_star"] == 0 and s["acc"] == s["acc_text"]
+    full = M.run(settings("--epochs", "0", "--out", str(tmp_path / "f")))  # the frozen CLIP with the classifier
+    assert full["acc_text"] == s["acc_text"] and full["acc_visual"][0] > 90 and "train" not in full["phases"]

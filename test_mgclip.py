@@ -1408,7 +1408,7 @@ def test_each_model_gets_its_own_input_and_a_cli_run_on_a_timm_layout(layout_mod
     tag = dict(file=str(weights), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", resize_mode="squash")
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "mgclip-test-map", {"webli": tag})
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 60, 3), dtype=np.uint8))
-    squashed = torch.as_tensor(np.asarray(image.resize((32, 32), PIL.Image.BICUBIC))).permute(2, 0, 1)
+    squashed = torch.as_tensor(np.asarray(image.resize((32, 32), PIL.Image.Resampling.BICUBIC))).permute(2, 0, 1)
     for pretrained in ("webli", str(weights)):
         siglip = M.load_clip("mgclip-test-map", pretrained, torch.device("cpu"))
         assert siglip.mean.flatten().tolist() == [0.5] * 3 and siglip.std.flatten().tolist() == [0.5] * 3
@@ -1634,3 +1634,75 @@ def test_epochs_0_is_zero_shot_clip_with_no_training_pass(tmp_path):
     assert "train" not in s["phases"] and s["epochs_star"] == 0 and s["acc"] == s["acc_text"]
     full = M.run(settings("--epochs", "0", "--out", str(tmp_path / "f")))  # the frozen CLIP with the classifier
     assert full["acc_text"] == s["acc_text"] and full["acc_visual"][0] > 90 and "train" not in full["phases"]
+
+
+# ---------------------------------------------------------------- the paper's table in one command (issue 25)
+def paper_script():
+    """benchmarks/paper.py loaded in this process: its mistakes are checked without a torch import per subprocess."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("paper", HERE / "benchmarks" / "paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_table_smoke_reference_resume_and_mistakes(tmp_path, capsys):
+    out = tmp_path / "paper"
+    smoke = [sys.executable, str(HERE / "benchmarks" / "paper.py"), "--smoke", "--out", str(out)]
+    start = time.perf_counter()
+    r = subprocess.run(smoke, capture_output=True, text=True, timeout=300)
+    first = time.perf_counter() - start
+    assert r.returncode == 0, r.stderr
+    table = json.loads((out / "table.json").read_text())
+    reference = {"mgclip": (46.484375, 32.8125), "no-preservation": (59.244791666666664, 43.4375),
+                 "no-compensation": (35.15625, 10.0), "zeroshot": (10.416666666666666, 5.0)}
+    assert [row["variant"] for row in table["rows"]] == list(reference)
+    for row in table["rows"]:
+        runs = {run["seed"]: run for run in row["runs"]}
+        assert sorted(runs) == [0, 1] and row["status"] == "ok"
+        assert (row["avg_ref"], row["last_ref"]) == reference[row["variant"]]
+        assert (runs[0]["avg"], runs[0]["last"]) == reference[row["variant"]]  # seed 0 is the reference, exactly
+        for key in ("avg", "last"):
+            values = [runs[0][key], runs[1][key]]
+            assert row[key + "_mean"] == pytest.approx(sum(values) / 2)
+            assert row[key + "_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+            assert row[key + "_diff"] == pytest.approx(row[key + "_mean"] - row[key + "_ref"])
+        assert row["seconds_sum"] == pytest.approx(runs[0]["seconds"] + runs[1]["seconds"])
+    zeroshot = json.loads((out / "runs" / "synthetic-zeroshot-seed0" / "summary.json").read_text())
+    assert "train" not in zeroshot["phases"] and zeroshot["epochs_star"] == 0
+    assert table["rows"][0]["kept_mean"] is None  # no Food-101 in the smoke: the column stays empty
+    md = (out / "table.md").read_text()
+    assert "| synthetic demo | MG-CLIP | 46.48 / 32.81 |" in md and "reference (seed 0)" in md and "not a paper" in md
+    assert md in r.stdout
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    start = time.perf_counter()
+    again = subprocess.run(smoke, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "running" not in again.stdout, again.stdout + again.stderr
+    assert time.perf_counter() - start < first / 2 and (out / "table.md").read_text() == md  # a ratio: a shared CPU
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} and len(stamps) == 8
+    paper = paper_script()
+    # a run with a checkpoint and no summary.json continues; a run that fails is its row's error line
+    os.remove(out / "runs" / "synthetic-zeroshot-seed1" / "summary.json")
+    os.remove(out / "runs" / "synthetic-no-compensation-seed1" / "summary.json")
+    (out / "runs" / "synthetic-no-compensation-seed1" / "checkpoint.pt").write_text("not a checkpoint")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        paper.main(["--smoke", "--out", str(out)])
+    assert "failed runs in 1 of 4 rows" in e.value.code
+    assert capsys.readouterr().out.count("paper.py: continuing") == 2
+    rows = {row["variant"]: row for row in json.loads((out / "table.json").read_text())["rows"]}
+    assert rows["no-compensation"]["status"].startswith("failed: seed 1: mgclip: error: ")
+    assert "checkpoint.pt is unreadable" in rows["no-compensation"]["status"]
+    assert rows["zeroshot"]["status"] == "ok" and rows["zeroshot"]["runs"][1]["avg"] == reference["zeroshot"][0]
+    file = tmp_path / "a-file"
+    file.write_text("")
+    for argv, named in ((["--out", str(tmp_path / "t")], "give --root DATA"),
+                        (["--smoke", "--out", str(file)], "is a file"),
+                        (["--smoke", "--seeds", "0", "--out", str(tmp_path / "t")], "--seeds must be at least 1"),
+                        (["--root", str(tmp_path), "--out", str(tmp_path / "t")], "holds none of cifar100/"),
+                        (["--smoke", "--out", str(tmp_path / "t"), "--", "--seed", "3"], "sets --seed itself")):
+        err = io.StringIO()
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+            paper.main(argv)
+        lines = err.getvalue().strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and named in lines[0], err.getvalue()

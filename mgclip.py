@@ -6,8 +6,8 @@ Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task
         S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts    measure_gap
         t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch  search_epochs
             e where S- drifts by more than alpha = 10% from the pre-trained S-(0), E* =
-            max(e - 1, 1) for every task, and task 1 restarts from the untouched LoRA (if no
-            epoch drifts, E* = 10 and the probe is the training)
+            max(e - 1, 1) for every task; task 1 keeps the probe's first epoch if E* = 1, else
+            restarts from the untouched LoRA (if no epoch drifts, E* = 10: the probe is the training)
         fine-tune LoRA for E* epochs: cross-entropy of s cos(v, t_c) over task t's classes  finetune
         image features v of task t's training images; S+ / S- after                       image_features, modality_gap
         gap compensation: cosine-classifier rows for task t's classes start at their class train_visual_classifier
@@ -15,17 +15,13 @@ Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task
         predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  predict, evaluate
     Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting        continual_metrics
 
-Labels are class-order positions throughout: the classes stand in a fixed order, task t holds positions
-range(first, last + 1), and the prompt of the class at position c is tokens[c].
-
     python mgclip.py --dataset cifar100 --tasks 10     # the paper's CIFAR-100 B0 Inc10: Avg 87.00 / Last 80.57
     python mgclip.py --dataset synthetic --model tiny  # offline demo on a CPU, ~10 s: Avg 46.48 / Last 32.81
 
 Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the CPU in fp32: LoRA gradients, S+ / S-,
 the search's E*, the classifier's weights and every prediction agree to ~1e-5; the tests pin the synthetic numbers.
 Reading order: the method (one marked block that uses nothing else from this file: copy it with the imports), the
-data, the settings and command line, running it (loaders, checkpoints, logs, main), the class lists. Timings:
-README.md, Performance.
+data, the settings and command line, running it (loaders, checkpoints, logs, main), the class lists.
 """
 __version__ = "2026.12"
 
@@ -49,7 +45,7 @@ import time
 import typing
 import urllib.error
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +63,11 @@ from tqdm.auto import tqdm
 
 # ==================================================================================================== BEGIN METHOD
 # The contracts, each checked where it is used (a copied function given the wrong thing raises, never miscounts):
-# - labels are class-order positions: the classes stand in a fixed order, task t holds the positions classes =
-#   range(first, last + 1), and tokens[c] is the tokenised prompt of the class at position c (the tokenizer's tensor);
-# - batches are re-iterables (a list, a DataLoader; not a generator) of (float images as the model takes them, int64
-#   labels), on the model's device; the model is an open_clip CLIP from add_lora, put in train / eval mode here.
+# labels are class-order positions (task t holds classes = range(first, last + 1); tokens[c], the tokenizer's tensor,
+# is the prompt of the class at position c); batches are re-iterables (a list, a DataLoader) of (float images as the
+# model takes them, int64 labels) on the model's device; the model comes from add_lora, its train / eval mode is set
+# here. finetune and learn_tasks are generators: they act as they are iterated. The block needs only these imports:
+# math, typing, contextlib, dataclasses, torch, torch.nn, torch.nn.functional, torch.nn.utils.parametrize.
 LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
 
 
@@ -81,9 +78,8 @@ class LoRAKeyValue(nn.Module):
 
     def __init__(self, weight: torch.Tensor, n: int, rank: int, lora_alpha: float):
         super().__init__()
-        rows = len(weight) // 3 if n == 2 else len(weight)
         self.A = nn.Parameter(torch.empty(n, rank, weight.shape[1]))
-        self.B = nn.Parameter(torch.zeros(n, rows, rank))  # zero: the model is unchanged at start
+        self.B = nn.Parameter(torch.zeros(n, len(weight) // (3 if n == 2 else 1), rank))  # zero: the model as it was
         for a in self.A:  # the authors' attention LoRA draws A with xavier_uniform_ (their Linear LoRA: kaiming)
             nn.init.xavier_uniform_(a)
         self.scale = lora_alpha / rank
@@ -129,7 +125,8 @@ def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[n
 def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
     """Load LoRA weights in place (the initial ones, B = 0, give back the pre-trained CLIP)."""
     if len(values) != len(lora) or any(p.shape != w.shape for p, w in zip(lora, values)):
-        raise ValueError(f"set_lora takes one value per LoRA weight, of its shape ({len(lora)}); got {len(values)}")
+        raise ValueError(f"set_lora takes one value per LoRA weight, of its shape (the same add_lora rank): "
+                         f"{[tuple(p.shape) for p in lora[:2]]}...; got {[tuple(w.shape) for w in values[:2]]}...")
     with torch.no_grad():
         for p, w in zip(lora, values):
             p.copy_(w)
@@ -142,7 +139,7 @@ def pretrained_clip(model: nn.Module):
     trained = [b.detach().clone() for b in bs]
     set_lora(bs, [torch.zeros_like(b) for b in bs])
     try:
-        yield
+        yield model
     finally:
         set_lora(bs, trained)
 
@@ -206,8 +203,8 @@ class Gap(typing.NamedTuple):
 def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
     """S+ (matching pairs) and S- (non-matching pairs), both s * cos with s = model.logit_scale.exp() (100 for CLIP;
     not the parameter itself, its log), and the centroid gap ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
-    if isinstance(scale, nn.Parameter):
-        raise TypeError("scale is s = model.logit_scale.exp(), not model.logit_scale (which holds log s)")
+    if isinstance(scale, torch.Tensor):  # model.logit_scale, its .data, or even .exp(): a tensor is no sure sign of s
+        raise TypeError("scale is the number s = model.logit_scale.exp().item() (100 for CLIP; logit_scale is log s)")
     v = F.normalize(image_feats.float(), dim=-1)
     t = F.normalize(text_feats.float(), dim=-1)
     if labels.min() < 0 or labels.max() >= len(t):
@@ -227,7 +224,7 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
 # Fine-tuning LoRA, and gap preservation: how many epochs.
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
     """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
-    over `epochs` to 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
+    over `epochs` towards 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
     check_tokens(tokens, classes.stop)
     if amp == torch.float16:
         raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
@@ -277,11 +274,10 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
 # geometry (the zero-shot knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the
 # dataset and the lr, found once; a search per task would cost a probe and a retrain every task, and from task 2 on
 # S- would drift through the earlier tasks' training too.
-def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: range, lr: float, max_epochs: int,
+def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None, report=print):
-    """Gap preservation: fine-tune (cosine over max_epochs) until the first epoch e where |S-(e) - S-(0)| / |S-(0)| >
-    alpha, S-(0) the pre-trained CLIP's. Returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else
-    it is back at its start, to fine-tune E* epochs), and the trace (a dict per epoch)."""
+    """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
+    returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
     if not s_minus_0 or math.isnan(s_minus_0):
         raise ValueError(f"S-(0) is {s_minus_0}: its relative drift is undefined (measure it on the pre-trained CLIP; "
                          f"a task needs 2 classes)")
@@ -289,7 +285,7 @@ def search_epochs(model, lora, train_batches, feature_batches, tokens, classes: 
     for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         if epoch == 1:
             after_one = [p.detach().clone() for p in lora]
-        gap = measure_gap(model, feature_batches, tokens[: classes.stop], amp)
+        gap = measure_gap(model, train_eval, tokens[: classes.stop], amp)
         drift = abs(gap.s_minus - s_minus_0) / abs(s_minus_0)
         trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap.s_plus, s_minus=gap.s_minus, drift=drift))
         report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap.s_minus:.3f}  "
@@ -312,9 +308,9 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
     as the authors). The prompts sit across the modality gap from the images; the class means of v are prototypes on
     the image side, so new rows start there. Old rows stay: no image of an old class is left to train them on.
     Returns unnormalised rows."""
-    rows = 0 if classifier is None else len(classifier)
-    if rows != classes.start:
+    if (0 if classifier is None else len(classifier)) != classes.start:
         raise ValueError(f"the classifier needs one row per class before {classes.start} (None for task 1)")
+    check_batch(feats, labels, feats.device)
     y = labels - classes.start
     if len(y) == 0 or y.min() < 0 or y.max() >= len(classes):
         raise ValueError(f"the visual classifier's {LABEL_RULE}")
@@ -363,12 +359,9 @@ def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> to
 
 @torch.no_grad()
 def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """Per-class correct counts (3, C) of the fused, text-only and visual-only predictions, and per-class image
-    counts (C,), over the seen classes C = len(text_feats)."""
+    """Per-class correct counts (3, C: fused, text, visual) and image counts (C,) of the C = len(text_feats) classes."""
     device, seen = model.logit_scale.device, len(text_feats)
-    correct = torch.zeros(3, seen, device=device)
-    count = torch.zeros(seen, device=device)
-    wrong = 0
+    correct, count, wrong = torch.zeros(3, seen, device=device), torch.zeros(seen, device=device), 0
     for x, y in batches:
         check_batch(x, y, device)
         wrong = wrong + ((y < 0) | (y >= seen)).sum()  # counted on the device: no host sync per batch
@@ -387,19 +380,17 @@ def accuracy(correct, count, classes: range) -> float:
         raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
     images = count[classes.start: classes.stop].sum().item()
     if not images:  # 0% would pass for forgetting
-        raise ValueError(f"no test image of classes {classes.start}..{classes.stop - 1}: the test batches hold the "
-                         f"test images of every class seen so far")
+        raise ValueError(f"no test image of classes {classes.start}..{classes.stop - 1}: test every class seen so far")
     return 100.0 * correct[classes.start: classes.stop].sum().item() / images
 
 
 def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
     """Avg (mean of acc_t), Last (acc_T), forgetting and backward transfer from a[t][j] (j <= t)."""
     T = len(acc)
-    old = range(T - 1)
     if T == 1:
         return dict(avg=acc[0], last=acc[0], forgetting=None, bwt=None)
-    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in old) / (T - 1)
-    bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in old) / (T - 1)
+    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in range(T - 1)) / (T - 1)
+    bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
     return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
 
 
@@ -434,8 +425,7 @@ class Task:
 def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifier, hp: Hyper, amp=None, report=print):
     """Task t (from 0) of MG-CLIP, as the paper's algorithm box. epochs: E*, or None to find it (task 1). Returns the
     task's metrics, the classifier grown by the task's classes and E*."""
-    classes = tasks[t].classes
-    train, train_eval = tasks[t].train, tasks[t].train_eval
+    classes, train, train_eval = tasks[t].classes, tasks[t].train, tasks[t].train_eval
     seen_tokens = tokens[: classes.stop]
     report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
     with pretrained_clip(model):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
@@ -471,7 +461,13 @@ def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifie
 def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
     """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task (metrics rows, E*, the
     visual classifier, LoRA; on the CPU); a yielded state given back as `state` continues after its last task."""
-    if state is None and any(m.B.any() for m in model.modules() if isinstance(m, LoRAKeyValue)):
+    modules = [m for m in model.modules() if isinstance(m, LoRAKeyValue)]
+    if {id(p) for p in lora} != {id(p) for m in modules for p in (m.A, m.B)}:  # else: full fine-tuning, or none
+        raise ValueError("lora is what add_lora(model) returned: the LoRA weights of this model, and only those")
+    if [task.classes.start for task in tasks] != [0] + [task.classes.stop for task in tasks[:-1]]:
+        raise ValueError("the tasks cut the class order into consecutive ranges from 0: task 2 starts where 1 stops")
+    check_tokens(tokens, tasks[-1].classes.stop)
+    if state is None and any(m.B.any() for m in modules):
         raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
     if state is None:  # E* is None until the search on task 1 sets it
         epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
@@ -545,8 +541,7 @@ def class_order(cfg, num_classes: int, default=None) -> list[int]:
 
 
 def input_transform(preprocess: dict) -> typing.Callable:
-    """open_clip's test transform for a model's preprocess config (size, interpolation, resize mode), up to the
-    tensor: PIL image -> uint8 (3, H, W); the model's mean and std are applied on its device (Clip.input)."""
+    """open_clip's test transform of a preprocess config, PIL image -> uint8 (3, H, W); mean, std: Clip.input."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
     steps = image_transform_v2(PreprocessCfg(**preprocess), is_train=False).transforms[:-2]  # no ToTensor, Normalize
     return torchvision.transforms.Compose(steps + [TF.pil_to_tensor])
@@ -568,12 +563,9 @@ def unreadable(paths: list[str]) -> tuple[int, list[str]]:
 
 
 def check_images(files: list[str], workers: int, progress: bool):
-    """Every image file's header, checked in loader workers before task 1: a broken file is named now, not hours into
-    the run, with all the others."""
-    if not files:
-        return
-    loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=min(workers, os.cpu_count() or 1),
-                                         collate_fn=unreadable)
+    """Every image file's header, read in loader workers before task 1: broken files are named now, not hours later."""
+    workers = min(workers, os.cpu_count() or 1) if files else 0  # nothing to check: no worker to start
+    loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=workers, collate_fn=unreadable)
     bad = []
     with tqdm(total=len(files), desc="checking images", leave=False, disable=not progress) as bar:
         for count, found in loader:
@@ -623,6 +615,10 @@ class Benchmark:
     test: Split
     classnames: list[str]  # in class-order positions: task 1 holds classnames[:n1], ...
     order: list[int]  # the dataset's class index at each position
+
+    def record(self) -> dict:
+        """What identifies the data of a run: its class names in order and its image counts."""
+        return dict(classnames=self.classnames, train_images=len(self.train), test_images=len(self.test))
 
 
 def download_forbidden(cfg) -> str | None:
@@ -750,15 +746,12 @@ def folder_split(folder: Path, classes: list[str]) -> Split:
 
 def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Split, Split]:
     """The raw ImageNet-R download (ROOT/<wnid>/, no split): 80% train / 20% test per class, fixed by the seed."""
-    whole = folder_split(root, classes)
-    train, test = [], []
+    whole, test = folder_split(root, classes), []
     for pos in range(len(classes)):
         idx = torch.nonzero(whole.labels == pos).squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 1000 + pos))]
-        cut = int(0.8 * len(idx))
-        train += idx[:cut].tolist()
-        test += idx[cut:].tolist()
-    train, test = sorted(train), sorted(test)
+        test += idx[int(0.8 * len(idx)):].tolist()
+    train, test = sorted(set(range(len(whole.labels))) - set(test)), sorted(test)
     return (Split(whole.labels[train], files=[whole.files[i] for i in train]),
             Split(whole.labels[test], files=[whole.files[i] for i in test]))
 
@@ -884,12 +877,6 @@ def load_benchmark(cfg) -> Benchmark:
     return loaders.get(cfg.dataset, load_image_folders)(cfg)
 
 
-def load_zeroshot(cfg) -> Benchmark:
-    """The --zeroshot-eval dataset (food101 or any --dataset), read from --zeroshot-root."""
-    return load_benchmark(dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None, split_file=None,
-                                              data_root=cfg.zeroshot_root or cfg.data_root))
-
-
 # ======================================================================================= Settings and the command line
 def arg(default, group: str, help: str, **accepts):
     """A settings field: its default, --help group and text, and what argparse accepts (choices, low, above)."""
@@ -922,15 +909,15 @@ class Settings:
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
     lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
     batch_size: int | None = arg(None, METHOD, "training batch", low=1)
-    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, found by gap preservation on task 1); 0: "
-                             "no fine-tuning (zero-shot CLIP with --no-compensation)", low=0)
+    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, from gap preservation); 0: no fine-tuning",
+                             low=0)
     alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha", above=0)
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
     vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)
     vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch", low=1)
     vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task", low=0)
-    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics on Ampere+ GPUs), fp32 (strict, TF32 off) or "
-                         "bf16 (autocast)", choices=PRECISIONS)
+    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics), fp32 (strict) or bf16 (autocast)",
+                         choices=PRECISIONS)
     text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch", low=0)
     visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier", low=0)
     preservation: bool = arg(True, ABLATIONS, "turn gap preservation off: no search, --epochs or --max-epochs per task")
@@ -939,10 +926,8 @@ class Settings:
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
     tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
-    class_order: str | None = arg(None, DATA, "file of class indices, from 0 (default: the published order, or "
-                                  "seeded)")
-    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's ImageNet-R, continuum's "
-                                                   "train_100.txt val_100.txt); entries relative to --data-root")
+    class_order: str | None = arg(None, DATA, "file of class indices from 0 (default: the published order, or seeded)")
+    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's, continuum's), in --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes", low=2)
     syn_train: int = arg(48, DATA, "synthetic: training images per class", low=1)
@@ -953,8 +938,7 @@ class Settings:
     workers: int = arg(4, RUN, "data-loader processes that decode and resize images", low=0)
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
     out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
-    resume: str | None = arg(None, RUN, "continue the run in this output folder (or its checkpoint.pt) after its "
-                             "last finished task")
+    resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)")
     zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset before and after",
                                     choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
@@ -974,8 +958,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, low=None, above=None, high=None):
-    """An argparse type: a finite `kind` number of at least `low` or greater than `above` (nan is neither), and at
-    most `high`."""
+    """An argparse type: a finite `kind` number of at least `low` or greater than `above`, and at most `high`."""
     def parse(text):
         value = kind(text)
         if not math.isfinite(value):
@@ -1124,8 +1107,7 @@ def variant(cfg: Settings) -> str:
 # ================================================================== Running it: CLIP, loaders, the run, checkpoints
 log = logging.getLogger("mgclip")
 # A CLIP small enough to train on a CPU in seconds, built from open_clip's own config classes.
-TINY_CLIP = dict(embed_dim=64,
-                 vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=16, width=64, heads=2, layers=2))
 
 
@@ -1145,8 +1127,7 @@ class Clip:
 
 
 def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -> Clip:
-    """CLIP from open_clip with weights by tag (from the Hugging Face cache or the hub), from a file or 'none', or
-    the tiny random-init one ('tiny', seeded); with its tokenizer and input transform."""
+    """open_clip's CLIP with weights by tag, from a file or 'none', or the tiny random-init one; tokenizer, input."""
     import open_clip
     if name == "tiny":
         torch.manual_seed(seed)
@@ -1162,8 +1143,7 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         except Exception as e:
             hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
             raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({type(e).__name__}: {e}); "
-                            f"pip install transformers, and run once where the hub is reachable to cache it under "
-                            f"HF_HOME") from None
+                            f"pip install transformers, and cache it once where the hub is reachable") from None
         model = open_clip_model(name, pretrained)
     # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
     preprocess = {"size": model.visual.image_size, **open_clip.get_model_preprocess_cfg(model)}
@@ -1219,9 +1199,6 @@ class Feed:
             prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
         self.split, self.clip, self.clock, self.progress = split, clip, clock, progress
 
-    def batches(self, classes: range, batch_size: int, phase: str, seed: int | None = None) -> "Batches":
-        return Batches(self, classes, batch_size, phase, seed)
-
 
 class Batches:
     """Model-ready (images, labels) of some classes of a split on the model's device, a pass per iteration, each image
@@ -1262,19 +1239,16 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device {name} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
     if device.type == "cuda" and not count["cuda"]:
-        raise UserError(f"--device {name}: this torch ({torch.__version__}) finds no usable GPU (none here, or a "
-                        f"driver older than its CUDA {torch.version.cuda}); install a torch build for the driver "
-                        f"(README, Set up), or use --device cpu")
+        raise UserError(f"--device {name}: this torch ({torch.__version__}) finds no usable GPU (none, or a driver "
+                        f"older than CUDA {torch.version.cuda}); install one for the driver (README), or --device cpu")
     if (device.index or 0) >= count.get(device.type, 0):
         raise UserError(f"--device {name} is not available here ({count.get(device.type, 0)} found); use --device auto")
     return device
 
 
 def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The towers' numerics; returns their autocast dtype. tf32: TF32 matmuls and convolutions on CUDA, what the
-    authors' torch 1.8 did by default on Ampere and newer GPUs; fp32: strict (TF32 off); bf16: autocast to bfloat16
-    (with TF32). LoRA, the visual classifier and Adam's state stay fp32 (under bf16, LoRA's B @ A is rounded to bf16
-    like the weight it is added to). On a CPU, tf32 is fp32."""
+    """The towers' numerics, and their autocast dtype: tf32 (TF32 matmuls and convolutions on CUDA, as the authors'
+    torch 1.8), fp32 (strict) or bf16 (autocast, with TF32; LoRA's B @ A is rounded like its weight). README, Run."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
@@ -1322,7 +1296,9 @@ def set_up(cfg: Settings) -> Run:
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use tf32 (default)")
     data = load_benchmark(cfg)
     ranges = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
-    zeroshot = load_zeroshot(cfg) if cfg.zeroshot_eval else None
+    zcfg = dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None, split_file=None,
+                               data_root=cfg.zeroshot_root or cfg.data_root)  # any --dataset, or food101
+    zeroshot = load_benchmark(zcfg) if cfg.zeroshot_eval else None
     splits = [data.train, data.test] + ([zeroshot.test] if zeroshot else [])
     progress = cfg.progress or sys.stderr.isatty()
     check_images([file for split in splits if split.files for file in split.files], cfg.workers, progress)
@@ -1345,23 +1321,23 @@ def set_up(cfg: Settings) -> Run:
     test = Feed(data.test, clip, clock, cfg.workers, progress)
     tasks = []
     for t, classes in enumerate(ranges):
-        tasks.append(Task(classes, train.batches(classes, cfg.batch_size, "train", seed=cfg.seed + t + 1),
-                          train.batches(classes, cfg.eval_batch_size, "features"),
-                          test.batches(range(0, classes.stop), cfg.eval_batch_size, "eval")))
+        tasks.append(Task(classes, Batches(train, classes, cfg.batch_size, "train", seed=cfg.seed + t + 1),
+                          Batches(train, classes, cfg.eval_batch_size, "features"),
+                          Batches(test, range(0, classes.stop), cfg.eval_batch_size, "eval")))
     log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes ({len(data.train)} training "
              f"images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
-    return Run(data, clip, lora, tokens, tasks, zeroshot, clock,
-               set_precision(device, cfg.precision), progress)
+    return Run(data, clip, lora, tokens, tasks, zeroshot, clock, set_precision(device, cfg.precision), progress)
 
 
 def run(cfg: Settings) -> dict:
-    """MG-CLIP over all tasks into --out, which holds one run at a time; returns the summary."""
+    """MG-CLIP over all tasks into --out, which holds one run at a time: set up, learn task after task with a checkpoint
+    after each, then the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
+        lock = open(out / ".lock", "w")
     except OSError as e:
         raise UserError(f"cannot write to --out {out} ({e.strerror or type(e).__name__}); give a folder you can "
                         f"write to") from None
@@ -1369,58 +1345,44 @@ def run(cfg: Settings) -> dict:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a resubmitted job, or a sweep whose runs share one --out
-            lock.seek(0)
-            raise UserError(f"another run (pid {lock.read().strip() or '?'}) is writing to {out}; wait for it to "
-                            f"end, or give another --out") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+            raise UserError(f"another run is writing to {out} (it holds {out / '.lock'}); wait for it to end, or give "
+                            f"another --out") from None
         setup_logging(out, append=bool(cfg.resume))
-        return learn_and_summarize(cfg, out, started)
-
-
-def learn_and_summarize(cfg: Settings, out: Path, started: float) -> dict:
-    """Set up, learn task after task with a checkpoint after each, then the summary."""
-    record = run_record(cfg.device)
-    settings = dict(settings=dataclasses.asdict(cfg), run=record)
-    if not cfg.resume:  # at once: a run that fails while loading its data still says what it was
-        write_json(out / "settings.json", settings)
-    r = set_up(cfg)
-    state = resume_state(r, out) if cfg.resume else None
-    if state is None:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    else:
-        started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
-        write_json(out / "settings.json", settings)  # after the checks: a refused resume leaves it as it was
-    hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
-    tick = time.perf_counter()
-    try:
-        for state in learn_tasks(r.clip.model, r.lora, r.tokens, r.tasks, hp, r.amp, state, log.info):
-            row = state["rows"][-1]
-            row["seconds"] = round(time.perf_counter() - tick, 3)
-            tick = time.perf_counter()
-            save_task(out, dict(state, wall_seconds=time.perf_counter() - started), r, cfg)
-            if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(row["task"]):  # test hook: a pre-emption now
-                raise KeyboardInterrupt
-    except FloatingPointError as e:
-        task = len(state["rows"]) + 1 if state else 1
-        raise UserError(f"{e} of task {task}; lower --lr (now {cfg.lr:g}); the checkpoint of the tasks before is "
-                        f"intact") from None
-    summary = summarize(r, cfg, state, record, time.perf_counter() - started)
-    write_json(out / "summary.json", summary)
-    forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
-    epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"{state['epochs']} epochs a task"
-    log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs}  "
-             f"{summary['seconds_total']:.1f}s  -> {out}")
-    if r.zeroshot:
-        z = summary["zeroshot"]
-        log.info(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} ({100 * (z['retained'] or 0):.1f}%)")
-    return summary
-
-
-def data_record(data: Benchmark) -> dict:
-    """What identifies the data of a run: its class names in order and its image counts."""
-    return dict(classnames=data.classnames, train_images=len(data.train), test_images=len(data.test))
+        settings = dict(settings=dataclasses.asdict(cfg), run=run_record(cfg.device))
+        if not cfg.resume:  # at once: a run that fails while loading its data still says what it was
+            write_json(out / "settings.json", settings)
+        r = set_up(cfg)
+        state = resume_state(r, out) if cfg.resume else None
+        if state is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
+            write_json(out / "settings.json", settings)  # after the checks: a refused resume leaves it as it was
+        hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
+        tick = time.perf_counter()
+        try:
+            for state in learn_tasks(r.clip.model, r.lora, r.tokens, r.tasks, hp, r.amp, state, log.info):
+                row = state["rows"][-1]
+                row["seconds"] = round(time.perf_counter() - tick, 3)
+                tick = time.perf_counter()
+                save_task(out, dict(state, wall_seconds=time.perf_counter() - started), r, cfg)
+                if os.environ.get("MGCLIP_STOP_AFTER_TASK") == str(row["task"]):  # test hook: a pre-emption now
+                    raise KeyboardInterrupt
+        except FloatingPointError as e:
+            task = len(state["rows"]) + 1 if state else 1
+            raise UserError(f"{e} of task {task}; lower --lr (now {cfg.lr:g}); the checkpoint of the tasks before is "
+                            f"intact") from None
+        summary = summarize(r, cfg, state, settings["run"], time.perf_counter() - started)
+        write_json(out / "summary.json", summary)
+        forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
+        epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"{state['epochs']} epochs a task"
+        log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs}  "
+                 f"{summary['seconds_total']:.1f}s  -> {out}")
+        if r.zeroshot:
+            z = summary["zeroshot"]
+            kept = 100 * (z["retained"] or 0)
+            log.info(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} ({kept:.1f}% retained)")
+        return summary
 
 
 def run_record(device: str) -> dict:
@@ -1440,7 +1402,7 @@ def run_record(device: str) -> dict:
 def save_task(out: Path, state: dict, r: Run, cfg: Settings):
     """After each task: the checkpoint (LoRA, the classifier, E*, the metrics so far, the settings, the data, the
     clock), then its metrics appended to metrics.jsonl, each file replaced atomically; a failure is one line."""
-    checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=data_record(r.data), clock=r.clock)
+    checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=r.data.record(), clock=r.clock)
     try:  # the checkpoint first: metrics.jsonl is rewritten from it on resume, never the other way round
         replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
         write_json(out / "metrics.jsonl", state["rows"][-1], mode="a")
@@ -1453,7 +1415,7 @@ def save_task(out: Path, state: dict, r: Run, cfg: Settings):
 def resume_state(r: Run, out: Path) -> dict:
     """The checkpoint's state, on the same data, with the clock it had; metrics.jsonl cut back to its tasks."""
     state = load_checkpoint(str(out))
-    saved, now = state.get("data", data_record(r.data)), data_record(r.data)  # checkpoints before 2026-11 have none
+    saved, now = state.get("data", r.data.record()), r.data.record()  # checkpoints before 2026-11 have none
     differ = [key for key in now if saved[key] != now[key]]
     if differ:
         raise UserError(f"the run in {out} was trained on other data ({', '.join(differ)} differ); point --data-root "
@@ -1476,7 +1438,7 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
     accuracies, the gap per task and the search's trace, zero-shot retention, and the time per phase and per task."""
     rows = state["rows"]
     device = r.clip.mean.device
-    summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(device), **data_record(r.data),
+    summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(device), **r.data.record(),
                    class_order=r.data.order, epochs_star=state["epochs"], epochs_searched="search" in rows[0],
                    lora_parameters=sum(p.numel() for p in r.lora),
                    **continual_metrics([row["acc"] for row in rows], [row["acc_per_task"] for row in rows]),
@@ -1487,8 +1449,8 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
     if r.zeroshot:
         z = r.zeroshot
         tokens = r.clip.tokenize([cfg.prompt.format(name) for name in z.classnames])
-        batches = Feed(z.test, r.clip, r.clock, cfg.workers, r.progress).batches(
-            range(len(z.classnames)), cfg.eval_batch_size, "zeroshot")
+        feed = Feed(z.test, r.clip, r.clock, cfg.workers, r.progress)
+        batches = Batches(feed, range(len(z.classnames)), cfg.eval_batch_size, "zeroshot")
         final = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
         with pretrained_clip(r.clip.model):
             first = zeroshot_accuracy(r.clip.model, batches, tokens, r.amp)
@@ -1558,15 +1520,11 @@ def setup_logging(out: Path, append: bool):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, SIGHUP (a dropped ssh session) or SIGUSR1 (SLURM's warning before pre-emption), handled as Ctrl-C is:
-    the last finished task's checkpoint stays, and one line says how to resume."""
+    """SIGTERM, SIGHUP (ssh dropped) or SIGUSR1 (SLURM's warning), handled as Ctrl-C: one line says how to resume."""
 
 
 def terminate(signum, frame):
     raise Terminated(signal.Signals(signum).name)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
 def stop(cfg: Settings | None, message: str, code: int = 1):
@@ -1574,17 +1532,15 @@ def stop(cfg: Settings | None, message: str, code: int = 1):
     if cfg is not None and (Path(cfg.out) / "log.txt").is_file():
         with open(Path(cfg.out) / "log.txt", "a") as fh:
             fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
-    try:
+    with suppress(OSError):  # the terminal is gone (SIGHUP): log.txt has the line
         print(message, file=sys.stderr)
-    except OSError:  # the terminal is gone (SIGHUP): log.txt has the line
-        pass
     sys.exit(code)
 
 
 def main(argv=None):
     """Command line entry: every expected failure ends in one line saying what to do, and a non-zero exit."""
     cfg = None
-    previous = {signum: signal.signal(signum, terminate) for signum in STOP_SIGNALS}
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
     try:
         cfg = parse_settings(argv)
         run(cfg)
@@ -1629,16 +1585,16 @@ CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78,
                   1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89,
                   43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39]
 IMAGENET100_ORDER = numpy.random.RandomState(1993).permutation(100).tolist()  # the seed of continuum and PyCIL
-IMAGENET_R_ORDER = [150, 119, 193, 2, 75, 179, 129, 68, 145, 53, 171, 133, 31, 103, 146, 174, 149, 40, 142, 30, 183,
-                    156, 167, 166, 124, 56, 109, 198, 185, 170, 51, 55, 77, 32, 45, 23, 115, 39, 134, 177, 12, 126,
-                    130, 37, 19, 34, 0, 135, 161, 108, 128, 18, 141, 24, 154, 160, 78, 85, 89, 73, 152, 112, 114,
-                    104, 44, 93, 138, 107, 100, 163, 3, 148, 147, 35, 199, 50, 25, 96, 79, 172, 98, 140, 22, 162, 6,
-                    27, 60, 144, 197, 67, 165, 196, 102, 71, 65, 47, 9, 122, 42, 63, 61, 180, 97, 84, 157, 168, 69,
-                    41, 83, 92, 190, 191, 59, 72, 111, 155, 105, 57, 17, 116, 13, 28, 43, 136, 5, 14, 169, 7, 62,
-                    110, 189, 95, 8, 4, 137, 194, 90, 74, 70, 113, 186, 132, 192, 33, 36, 158, 188, 94, 121, 164,
-                    58, 11, 178, 151, 184, 1, 10, 64, 15, 106, 52, 176, 26, 81, 82, 88, 125, 46, 123, 91, 187, 86,
-                    20, 76, 80, 66, 120, 131, 16, 159, 101, 87, 99, 195, 143, 21, 49, 38, 181, 29, 153, 54, 173,
-                    127, 117, 182, 139, 118, 48, 175]
+IMAGENET_R_ORDER = [
+    150, 119, 193, 2, 75, 179, 129, 68, 145, 53, 171, 133, 31, 103, 146, 174, 149, 40, 142, 30, 183, 156, 167, 166,
+    124, 56, 109, 198, 185, 170, 51, 55, 77, 32, 45, 23, 115, 39, 134, 177, 12, 126, 130, 37, 19, 34, 0, 135, 161, 108,
+    128, 18, 141, 24, 154, 160, 78, 85, 89, 73, 152, 112, 114, 104, 44, 93, 138, 107, 100, 163, 3, 148, 147, 35, 199,
+    50, 25, 96, 79, 172, 98, 140, 22, 162, 6, 27, 60, 144, 197, 67, 165, 196, 102, 71, 65, 47, 9, 122, 42, 63, 61, 180,
+    97, 84, 157, 168, 69, 41, 83, 92, 190, 191, 59, 72, 111, 155, 105, 57, 17, 116, 13, 28, 43, 136, 5, 14, 169, 7, 62,
+    110, 189, 95, 8, 4, 137, 194, 90, 74, 70, 113, 186, 132, 192, 33, 36, 158, 188, 94, 121, 164, 58, 11, 178, 151,
+    184, 1, 10, 64, 15, 106, 52, 176, 26, 81, 82, 88, 125, 46, 123, 91, 187, 86, 20, 76, 80, 66, 120, 131, 16, 159,
+    101, 87, 99, 195, 143, 21, 49, 38, 181, 29, 153, 54, 173, 127, 117, 182, 139, 118, 48, 175
+]
 
 if __name__ == "__main__":
     main()

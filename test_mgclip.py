@@ -585,9 +585,9 @@ def test_zeroshot_before_is_the_untouched_clip(tmp_path):
                        "--out", str(tmp_path / "o")))
     clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)  # the run's CLIP as it starts, seeded alike
     M.add_lora(clip.model)
-    data = M.load_zeroshot(settings("--zeroshot-eval", "folder", "--zeroshot-root", str(root)))
+    data = M.load_benchmark(M.parse_settings(["--dataset", "folder", "--data-root", str(root), "--tasks", "2"]))
     data.test.transform = clip.transform
-    batches = M.Feed(data.test, clip, {}, workers=0, progress=False).batches(range(4), 64, "zeroshot")
+    batches = M.Batches(M.Feed(data.test, clip, {}, workers=0, progress=False), range(4), 64, "zeroshot")
     tokens = clip.tokenize([f"a good photo of a {n}." for n in data.classnames])
     assert s["zeroshot"]["before"] == M.zeroshot_accuracy(clip.model, batches, tokens)
     assert "is the data the run trains on" in fail(["--dataset", "synthetic", "--zeroshot-eval", "synthetic"])
@@ -665,7 +665,7 @@ def test_training_batches_reshuffle_every_pass_and_match_the_seed():
     split = M.Split(torch.arange(10) % 5, torch.zeros(10, 3, 32, 32, dtype=torch.uint8))
     clip = tiny_clip()
     clock = {}
-    b = M.Feed(split, clip, clock, workers=0, progress=False).batches(range(0, 5), 4, "train", seed=7)
+    b = M.Batches(M.Feed(split, clip, clock, workers=0, progress=False), range(0, 5), 4, "train", seed=7)
     b.set_epoch(1)
     first = torch.cat([y for _, y in b])
     b.set_epoch(2)
@@ -711,7 +711,7 @@ def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
     M.add_lora(clip.model)
     tokens = clip.tokenize([cfg.prompt.format(n) for n in data.classnames])
     feed = M.Feed(data.train, clip, {}, workers=0, progress=False)
-    feats, labels = M.image_features(clip.model, feed.batches(range(5, 10), 64, "features"))
+    feats, labels = M.image_features(clip.model, M.Batches(feed, range(5, 10), 64, "features"))
     expected = M.modality_gap(feats, M.text_features(clip.model, tokens[:10]), labels, 100.0)
     got = s["gap"][1]["before"]
     assert (got["s_plus"], got["s_minus"], got["centroid_gap"]) == pytest.approx(expected, rel=1e-4)
@@ -1472,6 +1472,19 @@ def test_the_method_refuses_what_would_silently_miscount():
     with pytest.raises(ValueError, match="fp16 autocast needs a gradient scaler"):
         next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1, torch.float16))
     assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # nothing trained
+    with pytest.raises(TypeError, match="int64 labels"):  # the classifier's labels too
+        M.train_visual_classifier(None, torch.randn(4, 8), torch.tensor([0, 1, 0, 1]).int(), range(0, 2), 1e-3, 2, 1, 0)
+    with pytest.raises(TypeError, match="the number s = model.logit_scale.exp"):  # its .data is a tensor of log s
+        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale.data)
+    task = M.Task(range(0, 2), batches, batches, batches)
+    for lora_given, tasks, prompts, named in (
+            (list(clip.model.parameters()), [task], tokens, "what add_lora\\(model\\) returned"),  # full fine-tuning
+            (lora, [task, M.Task(range(4, 6), batches, batches, batches)], tokens, "consecutive ranges from 0"),
+            (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3; got a Tensor of 2")):
+        with pytest.raises((ValueError, TypeError), match=named):
+            next(M.learn_tasks(clip.model, lora_given, prompts, tasks, M.Hyper()))
+    with M.pretrained_clip(clip.model) as pretrained:
+        assert pretrained is clip.model
 
 
 def test_forward_context_builds_no_autocast_for_fp32(monkeypatch):

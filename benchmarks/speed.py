@@ -81,7 +81,7 @@ def loader_speed(clip, split, workers: int, batch_size: int) -> tuple[int, float
     """The worker processes mgclip's loader uses for `split` (at most the cores) and the images/s of its second pass
     (decoded, resized to 224 and on the device)."""
     feed = M.Feed(split, clip, {}, workers, progress=False)
-    batches = feed.batches(range(0, 1), batch_size, "loader")
+    batches = M.Batches(feed, range(0, 1), batch_size, "loader")
     for _ in batches:  # the first pass starts the workers
         pass
     first_seconds, first_images = feed.clock["loader"]
@@ -96,7 +96,8 @@ def loader_figures(clip, args) -> list[dict]:
     n, g = args.loader_images, torch.Generator().manual_seed(0)
     labels = torch.zeros(n, dtype=torch.long)
     at_224 = M.input_transform(dict(size=224))  # OpenAI CLIP's: bicubic resize of the short side, center crop
-    cifar = M.Split(labels, torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), transform=at_224)
+    pixels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    cifar = M.Split(labels, pixels, transform=at_224)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         files = [os.path.join(folder, f"{i}.jpg") for i in range(n)]
@@ -104,7 +105,8 @@ def loader_figures(clip, args) -> list[dict]:
             x = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(375, 500), mode="bilinear")[0]
             x = ((x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
             PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).save(path, quality=90)
-        for source, split in (("cifar-32px-uint8", cifar), ("jpeg-500x375", M.Split(labels, files=files, transform=at_224))):
+        jpeg = M.Split(labels, files=files, transform=at_224)
+        for source, split in (("cifar-32px-uint8", cifar), ("jpeg-500x375", jpeg)):
             for workers in args.loader_workers:
                 used, speed = loader_speed(clip, split, workers, args.eval_batch_size)
                 if not any(r["source"] == source and r["workers"] == used for r in rows):

@@ -1053,20 +1053,11 @@ def check_typed(typed: dict):
         idle["max_epochs"] = "--epochs skips the epoch search"
     if dataset != "synthetic":
         idle.update(dict.fromkeys(("syn_classes", "syn_train", "syn_test", "syn_size"), f"--dataset is {dataset}"))
-    if "zeroshot_eval" not in typed:
-        idle["zeroshot_root"] = "it is the folder of --zeroshot-eval's data, and no --zeroshot-eval is given"
     if typed.get("max_epochs") == 1 and "alpha" not in idle:
-        idle["max_epochs"] = "a search of one epoch finds E* = 1 whatever S- does; use --epochs 1"
+        idle["max_epochs"] = "a search of one epoch finds E* = 1 whatever S- does (--epochs 1 says so)"
     key = next((key for key in typed if key in idle), None)
     if key:
         raise UserError(f"--{key.replace('_', '-')} cannot act: {idle[key]}; drop it")
-    same_root = os.path.realpath(typed.get("zeroshot_root", "")) == os.path.realpath(typed.get("data_root", "data"))
-    if typed.get("zeroshot_eval") == dataset and (dataset == "synthetic" or same_root):
-        raise UserError(f"--zeroshot-eval {dataset} is the data the run trains on, not a measure of what it retains; "
-                        f"give another dataset (the paper: food101)")
-    if typed.get("zeroshot_eval", "synthetic") != "synthetic" and "zeroshot_root" not in typed:
-        raise UserError(f"--zeroshot-eval {typed['zeroshot_eval']} needs --zeroshot-root DIR, the folder of its data "
-                        f"(Food-101 is downloaded there when missing)")
 
 
 def with_defaults(cfg: Settings) -> Settings:
@@ -1079,6 +1070,7 @@ def with_defaults(cfg: Settings) -> Settings:
     check_settings(cfg)
     if cfg.out is None:
         suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
+        suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run has a folder of its own
         cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
     return cfg
 
@@ -1096,6 +1088,14 @@ def check_settings(cfg: Settings):
         raise UserError(f"--split-file is for the image-folder datasets, not --dataset {cfg.dataset}")
     if cfg.out is not None and not cfg.out.strip():
         raise UserError("--out '' names no folder; give one, or drop --out for runs/<dataset>-<model>-...")
+    if cfg.zeroshot_root and not cfg.zeroshot_eval:  # here, not in check_typed: --resume may add them to a run
+        raise UserError("--zeroshot-root cannot act: no --zeroshot-eval names the data it holds; drop it")
+    if cfg.zeroshot_eval == cfg.dataset and (cfg.dataset == "synthetic" or cfg.zeroshot_root in (None, cfg.data_root)):
+        raise UserError(f"--zeroshot-eval {cfg.dataset} is the data the run trains on, not a measure of what it "
+                        f"retains; give another dataset (the paper: food101)")
+    if cfg.zeroshot_eval not in (None, "synthetic") and not cfg.zeroshot_root:
+        raise UserError(f"--zeroshot-eval {cfg.zeroshot_eval} needs --zeroshot-root DIR, the folder of its data "
+                        f"(Food-101 is downloaded there when missing)")
 
 
 def variant(cfg: Settings) -> str:
@@ -1306,8 +1306,7 @@ def set_up(cfg: Settings) -> Run:
         settle_offline(cfg)  # after the data: it only decides how the weights load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
     if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
-        log.info(f"warning: no usable GPU found, so {cfg.model} runs on the CPU, which takes days for a benchmark; "
-                 f"for a GPU node, install the torch build of its CUDA driver (README, Set up)")
+        log.info(f"warning: no usable GPU found: {cfg.model} runs on the CPU, days for a benchmark (README, Set up)")
     for split in splits:
         stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
         split.transform = None if stored else clip.transform  # files and other sizes: resized in the loader workers
@@ -1375,7 +1374,7 @@ def run(cfg: Settings) -> dict:
         summary = summarize(r, cfg, state, settings["run"], time.perf_counter() - started)
         write_json(out / "summary.json", summary)
         forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
-        epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"{state['epochs']} epochs a task"
+        epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"epochs per task {state['epochs']}"
         log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs}  "
                  f"{summary['seconds_total']:.1f}s  -> {out}")
         if r.zeroshot:
@@ -1559,7 +1558,8 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP / SIGUSR1: exit 130, or 128 + the signal
         if argv is None:  # the process ends after this: a second Ctrl-C must not break the workers' shutdown
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        where = f"; resume with --resume {cfg.out}" if cfg and (Path(cfg.out) / "checkpoint.pt").is_file() else ""
+        done = cfg and (Path(cfg.out) / "checkpoint.pt").is_file()
+        where = f"; resume with --resume {cfg.out}" if done else "; no task had finished: run the same command again"
         if isinstance(e, Terminated):
             stop(cfg, f"mgclip: terminated by {e}{where}", 128 + signal.Signals[str(e)].value)
         else:

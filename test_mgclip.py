@@ -522,7 +522,7 @@ def test_unknown_model_and_missing_weight_file(tmp_path):
 def test_no_compensation_is_the_text_branch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = settings("--no-compensation", "--epochs", "1", "--tasks", "2")
-    assert cfg.out == "runs/synthetic-tiny-T2-seed0-no-compensation"
+    assert cfg.out == "runs/synthetic-tiny-T2-seed0-no-compensation-epochs1"  # a zero-shot run (--epochs 0) differs
     s = M.run(cfg)
     assert s["variant"] == "no-compensation" and s["config"]["compensation"] is False
     assert s["acc"] == s["acc_text"] and s["acc_visual"] == [None, None]
@@ -741,7 +741,7 @@ def test_readme_commands_parse():
     text = (HERE / "README.md").read_text().replace("\\\n", " ")
     commands = [shlex.split(c.split("#")[0])[2:] for c in re.findall(r"python mgclip\.py [^`\n]*", text)]
     commands += [shlex.split(c) for c in re.findall(r"`(--dataset [^`]*)`", text)]
-    commands = [c for c in commands if c and "..." not in c and "--help" not in c and "--resume" not in c]
+    commands = [c for c in commands if c and "..." not in c and not {"--help", "--version", "--resume"} & set(c)]
     assert len(commands) >= 10
     for argv in commands:
         cfg = M.parse_settings(argv)
@@ -985,14 +985,11 @@ class EpochBatches:
             yield self.x[idx], self.y[idx]
 
 
-def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run):
-    copied = {"__name__": "copied"}
-    exec(compile(method_block(), "copied_method.py", "exec"), copied)
-    assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M"} & set(copied)
+def synthetic_tasks(task_class):
+    """The synthetic demo's CLIP (seeded as the run), prompts and tasks, as plain batches of another project."""
     cfg = settings()
     data = M.synthetic_benchmark(cfg)
     clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)  # open_clip's CLIP class, seeded as the run
-    lora = copied["add_lora"](clip.model, rank=8, lora_alpha=1.0)
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
     tasks = []
     for t, classes in enumerate(M.split_tasks(20, 4)):
@@ -1000,7 +997,16 @@ def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run)
         seen = data.test.labels < classes.stop
         x, y = clip.input(data.train.pixels[mine]), data.train.labels[mine]
         test = EpochBatches(clip.input(data.test.pixels[seen]), data.test.labels[seen], 256)
-        tasks.append(copied["Task"](classes, EpochBatches(x, y, 16, seed=t + 1), EpochBatches(x, y, 256), test))
+        tasks.append(task_class(classes, EpochBatches(x, y, 16, seed=t + 1), EpochBatches(x, y, 256), test))
+    return clip, tokens, tasks
+
+
+def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run):
+    copied = {"__name__": "copied"}
+    exec(compile(method_block(), "copied_method.py", "exec"), copied)
+    assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M"} & set(copied)
+    clip, tokens, tasks = synthetic_tasks(copied["Task"])
+    lora = copied["add_lora"](clip.model, rank=8, lora_alpha=1.0)
     hp = copied["Hyper"](lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
     states = copied["learn_tasks"](clip.model, lora, tokens, tasks, hp, report=lambda line: None)
     first_two = [next(states), next(states)][-1]["rows"]
@@ -1092,17 +1098,37 @@ def test_each_image_is_decoded_once_per_pass_by_workers_that_start_once(tmp_path
 
 
 def test_gpu_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
-    """benchmarks/gpu.sh is for a lent GPU and 15 minutes of it: its CPU mode proves every part before that."""
+    """benchmarks/gpu.sh is for a lent GPU and 15 minutes of it: its CPU mode proves every part before that, a run
+    stopped by its time limit included (timing-bf16, after its first task), whose phases the table reads from its
+    checkpoint."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = subprocess.run(["bash", str(HERE / "benchmarks" / "gpu.sh"), "--cpu-smoke", str(tmp_path / "g")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((tmp_path / "g" / "results.json").read_text())
-    assert all(part["status"] == "ok" for part in results["parts"].values())
+    # the interpreter first on PATH: python3, which the venv has too, is this one's and not the system's
+    assert Path(results["env"]["executable"]).parent == Path(sys.executable).parent
+    statuses = {name: part["status"] for name, part in results["parts"].items()}
+    assert statuses.pop("timing-bf16") == "timed out" and set(statuses.values()) == {"ok"}
     for kind in ("speed", "timing", "search"):
         assert sorted(results[kind]) == ["bf16", "fp32", "tf32"]
     assert results["search"]["fp32"]["epochs_star"] >= 1 and results["speed"]["fp32"]["loader"]
-    assert "| tf32 vs fp32 | bf16 vs fp32 |" in (tmp_path / "g" / "table.md").read_text()
+    # the stopped run: no summary.json, its finished tasks and phases from checkpoint.pt. Stopped as soon as task 1
+    # was saved: in task 2, or a later one on a machine too busy to look in time, never after the last
+    stopped = results["timing"]["bf16"]
+    assert not (tmp_path / "g" / "timing-bf16" / "summary.json").exists() and 1 <= stopped["partial"] < 5
+    assert sorted(stopped["phases"]) == ["eval", "features", "train"]
+    assert all(phase["images_per_second"] > 0 for phase in stopped["phases"].values())
+    assert stopped["seconds_total"] > 0 and len(stopped["seconds_per_task"]) == stopped["partial"]
+    assert sorted(results["timing"]["fp32"]["phases"]) == ["eval", "features", "train"]  # gpu_table's PHASES
+    table = (tmp_path / "g" / "table.md").read_text()
+    assert "| tf32 vs fp32 | bf16 vs fp32 |" in table
+    timing = table.split("**mgclip.py")[1].splitlines()  # the timing runs' section
+    assert f"| status | ok | ok | timed out ({stopped['partial']}/5 tasks) |  |  |" in timing
+    for phase in ("train", "features", "eval"):  # in mgclip.py's order, with a figure in every column
+        cells = next(line for line in timing if line.startswith(f"| {phase}, images/s |")).split(" | ")
+        assert "–" not in cells[1:6]
+    assert [line.split(",")[0] for line in timing if ", images/s |" in line] == ["| train", "| features", "| eval"]
 
 
 # ---------------------------------------------------------------- VTAB, and a run that records what it was
@@ -1167,6 +1193,8 @@ def test_a_resume_on_other_data_is_refused_and_zero_shot_can_be_added_to_a_finis
     assert (tmp_path / "run" / "settings.json").read_text() == settings_before  # the refused run changed nothing
     M.main(["--resume", str(tmp_path / "run")])
     finished = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "needs --zeroshot-root DIR" in fail(["--resume", str(tmp_path / "run"), "--zeroshot-eval", "food101"])
+    assert "--zeroshot-root cannot act" in fail(["--resume", str(tmp_path / "run"), "--zeroshot-root", str(root)])
     M.main(["--resume", str(tmp_path / "run"), "--zeroshot-eval", "folder", "--zeroshot-root", str(tmp_path / "other")])
     again = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0 <= again["zeroshot"]["after"] <= 100 and again["acc"] == finished["acc"]
@@ -1510,18 +1538,8 @@ def test_the_block_sets_the_mode_itself_and_before_is_always_the_pretrained_clip
     with torch.no_grad():  # in train mode, half the patches drop at random
         assert not torch.equal(dropout.encode_image(batches[0][0]), dropout.encode_image(batches[0][0]))
     assert torch.equal(M.image_features(dropout, batches)[0], M.image_features(dropout, batches)[0])
-    cfg = settings()
-    data = M.synthetic_benchmark(cfg)
-    clip = M.load_clip("tiny", "none", torch.device("cpu"), seed=0)
+    clip, tokens, tasks = synthetic_tasks(M.Task)
     lora = M.add_lora(clip.model)
-    tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
-    tasks = []
-    for t, classes in enumerate(M.split_tasks(20, 4)):
-        mine = (data.train.labels >= classes.start) & (data.train.labels < classes.stop)
-        seen = data.test.labels < classes.stop
-        x, y = clip.input(data.train.pixels[mine]), data.train.labels[mine]
-        test = EpochBatches(clip.input(data.test.pixels[seen]), data.test.labels[seen], 256)
-        tasks.append(M.Task(classes, EpochBatches(x, y, 16, seed=t + 1), EpochBatches(x, y, 256), test))
     hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
     after_one = next(M.learn_tasks(clip.model, lora, tokens, tasks, hp, report=lambda line: None))
     # the same model, trained on task 1, continues from its own state: task 2's "before" is still the pre-trained CLIP
@@ -1554,7 +1572,7 @@ def test_one_run_per_out_and_a_killed_run_leaves_no_lock(tmp_path):
     while not (out / "settings.json").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
     message = fail(["--dataset", "synthetic", "--syn-train", "400", "--epochs", "1", "--out", str(out)])
-    assert f"another run (pid {first.pid}) is writing to {out}" in message
+    assert f"another run is writing to {out} (it holds {out / '.lock'})" in message
     first.send_signal(signal.SIGKILL)  # a crash: no handler runs, the system drops the lock
     first.communicate(timeout=60)
     (out / "checkpoint.pt").unlink(missing_ok=True)  # start afresh, in the same folder, with its .lock still there
@@ -1633,6 +1651,12 @@ def test_misleading_lines_now_say_what_to_do(tmp_path, monkeypatch, capsys):
     assert "visual n/a" in log and "visual 0.00" not in log
     assert M.__version__ in subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--version"], capture_output=True,
                                            text=True, timeout=120).stdout
+
+    def interrupted(cfg):  # Ctrl-C while the data load, before any task has finished
+        raise KeyboardInterrupt
+    monkeypatch.setattr(M, "set_up", interrupted)
+    message = fail(["--dataset", "synthetic", "--out", str(tmp_path / "i")], code=130, start="mgclip: interrupted")
+    assert message.endswith("no task had finished: run the same command again")
 
 
 def write_settings_only(folder: Path) -> Path:

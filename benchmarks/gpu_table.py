@@ -5,11 +5,13 @@
 
 `table` reads what gpu.sh left in OUTDIR: parts.tsv (each part's status, seconds and command), env.json,
 speed-P.json (benchmarks/speed.py) and the mgclip.py runs timing-P/ and search-P/. A run stopped by its time
-limit has no summary.json: its finished tasks are read from metrics.jsonl and checkpoint.pt instead, and marked.
+limit has no summary.json: its finished tasks are read from checkpoint.pt instead (metrics.jsonl, without the
+phases, where torch does not import), and its status says how many it finished.
 Throughputs, times and memory are compared with fp32 as ratios; accuracy, S+ / S- and E* as differences.
 """
 import argparse
 import json
+import pickle
 import platform
 import shutil
 import subprocess
@@ -18,7 +20,9 @@ from pathlib import Path
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 RUNS = ("timing", "search")
-PHASES = ("gap", "search", "train", "features", "classifier", "eval")
+# mgclip.py's clock: train (every fine-tuning epoch, the search's probe included), features (the passes over a task's
+# training images: S+ / S- before and after, the classifier's features), eval, zeroshot (--zeroshot-eval only)
+PHASES = ("train", "features", "eval", "zeroshot")
 SPEED = [("bare_train", "bare image tower, training, images/s"), ("train", "MG-CLIP training step, images/s"),
          ("bare_eval", "bare image tower, evaluation, images/s"), ("eval", "MG-CLIP evaluation, images/s")]
 
@@ -40,7 +44,8 @@ def read_json(path: Path):
 # ---------------------------------------------------------------------------------------------------- env.json
 def record_env(out: Path, require_cuda: bool):
     """What the numbers were measured on. Written before any check fails, so a failed start is recorded too."""
-    env = dict(python=platform.python_version(), machine=platform.machine())
+    # the interpreter too: gpu.sh runs the first python3 (else python) on PATH, and that is the one measured
+    env = dict(python=platform.python_version(), executable=sys.executable, machine=platform.machine())
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -86,30 +91,50 @@ def read_parts(out: Path) -> dict:
     return parts
 
 
+def read_checkpoint(path: Path) -> dict | None:
+    """mgclip.py's checkpoint.pt, or None: there is none, torch does not import here, or it is cut short (mgclip.py
+    replaces it atomically, but a copy brought back from the GPU machine can break off)."""
+    if not path.is_file():
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # what torch.load raises on a cut file
+        print(f"gpu_table.py: {path} is unreadable ({type(e).__name__}); its run is read from metrics.jsonl",
+              file=sys.stderr)
+        return None
+
+
 def read_run(folder: Path) -> dict | None:
-    """An mgclip.py run's summary.json; or, for a run stopped before its end, the same keys from its finished tasks
-    (metrics.jsonl; the phases from checkpoint.pt, when torch is here to read it), with partial = tasks done."""
+    """An mgclip.py run's summary.json; or, for a run stopped before its end, the same keys from its finished tasks,
+    with partial = tasks done: from checkpoint.pt, with the phases and times, or from metrics.jsonl without them
+    (no torch here, or the checkpoint cut short)."""
     summary = read_json(folder / "summary.json")
     if summary is not None:
         for bulky in ("classnames", "class_order"):  # 100 names each, no use in a timing table
             summary.pop(bulky, None)
         return summary
+    state = read_checkpoint(folder / "checkpoint.pt")
     path = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if state is not None:  # the checkpoint first: metrics.jsonl is written after it, and rewritten from it on resume
+        rows = state["rows"]
+    elif path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        rows = []
     if not rows:
         return None
     acc = [row["acc"] for row in rows]
-    run = dict(partial=len(rows), epochs_star=rows[-1].get("epochs"), avg=sum(acc) / len(acc), last=acc[-1],
-               acc=acc, gap=[dict(task=row["task"], before=row.get("gap_before"), after=row.get("gap_after"))
-                              for row in rows])
-    try:
-        import torch
-        state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-        run["phases"] = {phase: dict(seconds=round(s, 3), images_per_second=round(state["images"][phase] / s, 1))
-                         for phase, s in state["seconds"].items() if s}
-        run["seconds_total"] = round(sum(state["seconds"].values()), 3)
-    except Exception:  # no torch, or a checkpoint cut short: the table goes without the phases
-        pass
+    run = dict(partial=len(rows), epochs_star=rows[-1]["epochs"], avg=sum(acc) / len(acc), last=acc[-1], acc=acc,
+               gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows],
+               seconds_per_task=[row["seconds"] for row in rows])
+    if state is not None:  # as summary.json has them, up to the last finished task
+        run["phases"] = {phase: dict(seconds=round(s, 3), images_per_second=round(n / s, 1) if s else None)
+                         for phase, (s, n) in state["clock"].items()}
+        run["seconds_total"] = round(state["wall_seconds"], 3)
     return run
 
 
@@ -195,7 +220,8 @@ def run_rows(kind: str, results: dict) -> list[str]:
     lines = [row(f"**{title}**", ["", "", ""]),
              row("status", [status(part, run) for part, run in zip(parts, runs)]),
              row("wall time, s (the process, start-up included)", [wall(part) for part in parts], 1, "ratio"),
-             row("timed phases, s", [r.get("seconds_total") if r else None for r in runs], 1, "ratio")]
+             row("mgclip.py's run, s (seconds_total: imports not included)",
+                 [r.get("seconds_total") if r else None for r in runs], 1, "ratio")]
     phases = [(r or {}).get("phases") or {} for r in runs]
     found = [phase for each in phases for phase in each]
     # mgclip.py's phases in the order of a task, then any this script does not know of yet
@@ -268,7 +294,8 @@ def table(results: dict) -> str:
     notes = ["", environment(results["env"]), "",
              "Ratios: the precision's figure over fp32's; differences: the precision's minus fp32's. S+ / S-: the "
              "logit-scaled cosines of matching / non-matching image-prompt pairs on the task's training images "
-             "(random-init CLIP). A run cut off by its time limit shows its finished tasks (k/T) and no memory.", "",
+             "(random-init CLIP). A run cut off by its time limit shows its finished tasks (k/T), its times and "
+             "phases up to the last of them (from its checkpoint.pt), and no memory.", "",
              "Commands (fp32; the others differ in --precision and --out):", *commands(results)]
     return "\n".join(header + body + notes) + "\n"
 

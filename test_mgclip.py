@@ -238,8 +238,10 @@ def test_epoch_search_on_real_s_minus():
     assert M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 5e-2, 4, s_minus_0, 0.1)[:2] == \
         (1, True)
     M.set_lora(lora, untouched)
-    assert M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-7, 3, s_minus_0, 0.1)[:2] == \
-        (3, True)
+    lines = []
+    assert M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-7, 3, s_minus_0, 0.1,
+                           report=lines.append)[:2] == (3, True)
+    assert lines[-1] == "  gap search: S- stayed within alpha = 0.1 for all 3 epochs, so E* = 3"  # said, not silent
 
 
 # ---------------------------------------------------------------- metrics
@@ -1608,6 +1610,9 @@ def test_every_image_is_checked_before_task_1_by_imagefolders_rules(tmp_path):
     data = M.load_benchmark(M.parse_settings(argv))
     assert len(data.train) == 8 + 2 + 2 and not any("._" in f for f in data.train.files)
     assert "skipped 1 macOS ._* files" in (tmp_path / "o" / "log.txt").read_text()  # from the refused run
+    huge = tmp_path / "huge.png"  # 200 megapixels: over PIL's decompression-bomb limit, yet a valid image
+    PIL.Image.new("1", (20000, 10000)).save(huge)
+    M.check_images([str(huge)], 0, False)
 
 
 def test_split_lists_whose_test_images_are_training_images_are_refused(tmp_path):

@@ -326,16 +326,19 @@ def test_missing_weights_fail_at_once_without_hf_hub_offline(tmp_path, flags):
     assert time.perf_counter() - start < 30
 
 
-def test_help_is_grouped_and_explains_every_flag():
-    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--help"], capture_output=True, text=True, timeout=120)
+def test_help_is_grouped_and_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:  # argparse prints the help and exits 0, as from the command line
+        M.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0
     import dataclasses
     for f in dataclasses.fields(M.Settings):
         flag = f.name.replace("_", "-")
-        assert ("--no-" + flag if f.default is True else "--" + flag) in r.stdout, flag
+        assert ("--no-" + flag if f.default is True else "--" + flag) in help_text, flag
     for group in ("method:", "ablations:", "data:", "run and outputs:"):
-        assert group in r.stdout
+        assert group in help_text
     for gone in ("--speed", "--gpu-preprocess", "--no-plot", "--no-progress", "--download ", "--preservation "):
-        assert gone not in r.stdout
+        assert gone not in help_text
 
 
 def test_method_functions_take_no_settings():
@@ -1390,6 +1393,8 @@ LAYOUT_CONFIGS = {  # open_clip configs, as its JSON files give them
     "mgclip-test-map": dict(embed_dim=64, custom_text=True, init_logit_bias=-10, text_cfg=TEXT_CFG, vision_cfg=dict(
         image_size=32, timm_model_name="mgclip_test_siglip", timm_model_pretrained=False, timm_pool="map",
         timm_proj="none")),
+    "mgclip-test-convnext": dict(embed_dim=64, text_cfg=TEXT_CFG, vision_cfg=dict(  # ConvNeXt's layout, its smallest
+        image_size=32, timm_model_name="convnext_atto", timm_model_pretrained=False, timm_pool="", timm_proj="linear")),
 }
 
 
@@ -1450,13 +1455,13 @@ def test_each_model_gets_its_own_input_and_a_cli_run_on_a_timm_layout(layout_mod
     assert len(s["acc"]) == 2 and s["lora_parameters"] == 8192
 
 
-def test_towers_without_self_attention_and_a_missing_tokenizer_are_one_line(tmp_path):
+def test_towers_without_self_attention_and_a_missing_tokenizer_are_one_line(layout_models, tmp_path):
     import open_clip
     with pytest.raises(ValueError, match="the image tower \\(TimmModel\\) has no self-attention block"):
-        M.add_lora(open_clip.create_model("convnext_base", pretrained=None))
-    message = fail(["--dataset", "synthetic", "--model", "convnext_base", "--pretrained", "none", "--epochs", "1",
-                    "--out", str(tmp_path / "o")])
-    assert "--model convnext_base" in message and "ViT, SigLIP, EVA02, ViTamin or MobileCLIP" in message
+        M.add_lora(open_clip.create_model("mgclip-test-convnext", pretrained=None))
+    message = fail(["--dataset", "synthetic", "--model", "mgclip-test-convnext", "--pretrained", "none", "--epochs",
+                    "1", "--out", str(tmp_path / "o")])
+    assert "--model mgclip-test-convnext" in message and "ViT, SigLIP, EVA02, ViTamin or MobileCLIP" in message
     message = fail(["--dataset", "synthetic", "--model", "ViT-B-16-SigLIP2", "--pretrained", "none",
                     "--out", str(tmp_path / "o")])
     assert "needs the tokenizer timm/ViT-B-16-SigLIP2" in message and "pip install transformers" in message
@@ -1656,8 +1661,10 @@ def test_misleading_lines_now_say_what_to_do(tmp_path, monkeypatch, capsys):
             str(tmp_path / "z")])
     log = (tmp_path / "z" / "log.txt").read_text()
     assert "visual n/a" in log and "visual 0.00" not in log
-    assert M.__version__ in subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--version"], capture_output=True,
-                                           text=True, timeout=120).stdout
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        M.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mgclip {M.__version__}"
 
     def interrupted(cfg):  # Ctrl-C while the data load, before any task has finished
         raise KeyboardInterrupt

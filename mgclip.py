@@ -819,7 +819,7 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
             if line.lower() in ("train", "test"):
                 section = line.lower()
                 continue
-            file = os.path.relpath(line.split()[0], root) if os.path.isabs(line.split()[0]) else line.split()[0]
+            file = os.path.relpath(os.path.join(root, line.split()[0]), root)  # an absolute path under root too
             listed[section or ("train" if file.startswith("train/") else "test")].append(root / file)
     both = set(listed["train"]) & set(listed["test"])
     if both:  # a test image trained on would score itself

@@ -1099,7 +1099,10 @@ def check_settings(cfg: Settings):
 
 
 def variant(cfg: Settings) -> str:
-    """The paper's row this run reproduces: mgclip, or its ablation without preservation and/or compensation."""
+    """The paper's row this run reproduces: mgclip, its ablation without preservation and/or compensation, or zeroshot
+    (zero-shot CLIP: no fine-tuning, the text branch alone)."""
+    if cfg.epochs == 0 and not cfg.compensation:
+        return "zeroshot"
     off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
     return "-".join("no-" + name for name in off) or "mgclip"
 

@@ -62,12 +62,20 @@ from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
-# The contracts, each checked where it is used (a copied function given the wrong thing raises, never miscounts):
-# labels are class-order positions (task t holds classes = range(first, last + 1); tokens[c], the tokenizer's tensor,
-# is the prompt of the class at position c); batches are re-iterables (a list, a DataLoader) of (float images as the
-# model takes them, int64 labels) on the model's device; the model comes from add_lora, its train / eval mode is set
-# here. finetune and learn_tasks are generators: they act as they are iterated. The block needs only these imports:
-# math, typing, contextlib, dataclasses, torch, torch.nn, torch.nn.functional, torch.nn.utils.parametrize.
+# The contracts: labels are class-order positions (task t holds classes = range(first, last + 1); tokens[c], the
+# tokenizer's tensor, is the prompt of the class at position c); batches are re-iterables (a list, a DataLoader) of
+# (normalised float images as the model takes them, int64 labels) on the model's device; the model comes from
+# add_lora, its train / eval mode is set here. check_contract checks them once, before any work (learn_tasks calls it;
+# a caller of one function can too), and checked() each batch as it passes. finetune and learn_tasks are generators:
+# they act as they are iterated. The block runs with these imports above it:
+# import math
+# import typing
+# from contextlib import contextmanager, nullcontext
+# from dataclasses import dataclass
+# import torch
+# import torch.nn as nn
+# import torch.nn.functional as F
+# from torch.nn.utils import parametrize
 LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
 
 
@@ -146,31 +154,23 @@ def pretrained_clip(model: nn.Module):
 
 @contextmanager
 def forward_context(device: torch.device, amp: torch.dtype | None):
-    """Where CLIP's towers run: LoRA merged into W once per forward, autocast to `amp` unless it is None (fp32)."""
-    autocast = nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)  # fp32: none at all
+    """Where CLIP's towers run: LoRA merged into W once per forward, autocast to `amp`, or fp32 (amp None) even within
+    a caller's autocast, which would otherwise cache LoRA's weights in low precision and train nothing."""
+    if amp is not None:
+        autocast = torch.autocast(device.type, dtype=amp)
+    elif device.type in ("cpu", "cuda"):
+        autocast = torch.autocast(device.type, enabled=False)
+    else:  # torch 2.1-2.4 refuse autocast("mps") even disabled; mps autocast came later
+        autocast = nullcontext()
     with autocast, parametrize.cached():
         yield
-
-
-def check_batch(x, y, device: torch.device):
-    """Refuse a batch outside the contract (no host sync): uint8 images, int32 or float labels, another device."""
-    if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
-        raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
-                        f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
-
-
-def check_tokens(tokens, needed: int):
-    """Refuse prompts that are not the tokenizer's tensor, or that lack the prompt of a class up to needed - 1."""
-    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < needed:
-        raise TypeError(f"tokens are the tokenizer's tensor, tokenize(prompts), with a prompt for every class up to "
-                        f"{needed - 1}; got a {type(tokens).__name__} of {len(tokens)}")
+    torch.clear_autocast_cache()  # within a caller's autocast the cache outlives this forward: LoRA changes each step
 
 
 # Features and the modality gap.
 @torch.no_grad()
 def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
-    check_tokens(tokens, 1)
     model.eval()
     device = model.logit_scale.device
     with forward_context(device, amp):
@@ -179,45 +179,32 @@ def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | Non
 
 
 @torch.no_grad()
-def image_features(model: nn.Module, batches, amp: torch.dtype | None = None):
-    """L2-normalised image features v_i and their labels, from one pass over the batches."""
+def image_features(model: nn.Module, batches, classes: range, amp: torch.dtype | None = None):
+    """L2-normalised image features v_i and their labels (within `classes`), from one pass over the batches."""
     model.eval()
     device, feats, labels = model.logit_scale.device, [], []
-    for x, y in batches:
-        check_batch(x, y, device)
+    for x, y in checked(batches, device, classes):
         with forward_context(device, amp):
             feats.append(model.encode_image(x))
         labels.append(y)
-    if not feats:
-        raise ValueError("the feature batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
     return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
 
 
-class Gap(typing.NamedTuple):
-    """The modality gap of some images and prompts: S+, S- and the distance of the two centroids."""
-    s_plus: float
-    s_minus: float
-    centroid_gap: float
-
-
-def modality_gap(image_feats, text_feats, labels, scale) -> Gap:
-    """S+ (matching pairs) and S- (non-matching pairs), both s * cos with s = model.logit_scale.exp() (100 for CLIP;
-    not the parameter itself, its log), and the centroid gap ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
-    if isinstance(scale, torch.Tensor):  # model.logit_scale, its .data, or even .exp(): a tensor is no sure sign of s
-        raise TypeError("scale is the number s = model.logit_scale.exp().item() (100 for CLIP; logit_scale is log s)")
+def modality_gap(image_feats, text_feats, labels, scale: float) -> dict:
+    """The modality gap of some images and prompts: S+ (matching pairs) and S- (non-matching pairs), both s * cos with
+    s = model.logit_scale.exp().item() (100 for CLIP; the parameter is log s), and the centroid gap
+    ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
     v = F.normalize(image_feats.float(), dim=-1)
     t = F.normalize(text_feats.float(), dim=-1)
-    if labels.min() < 0 or labels.max() >= len(t):
-        raise ValueError(f"labels must index the {len(t)} prompts: {LABEL_RULE}")
     pos = scale * (v * t[labels]).sum(-1)
     every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
     s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
-    return Gap(pos.mean().item(), s_minus.item(), (v.mean(0) - t.mean(0)).norm().item())
+    return dict(s_plus=pos.mean().item(), s_minus=s_minus.item(), centroid_gap=(v.mean(0) - t.mean(0)).norm().item())
 
 
-def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
-    """The Gap between the batches' images and the prompts of the classes seen so far."""
-    feats, labels = image_features(model, batches, amp)
+def measure_gap(model, batches, seen_tokens, amp=None) -> dict:
+    """The modality gap between the batches' images and the prompts of the classes seen so far."""
+    feats, labels = image_features(model, batches, range(len(seen_tokens)), amp)
     return modality_gap(feats, text_features(model, seen_tokens, amp), labels, model.logit_scale.exp().item())
 
 
@@ -225,9 +212,6 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> Gap:
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
     """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
     over `epochs` towards 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
-    check_tokens(tokens, classes.stop)
-    if amp == torch.float16:
-        raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -239,34 +223,20 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
         model.train()  # as the authors fine-tune; BatchNorm (MobileCLIP's towers) stays frozen, statistics included
         for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
             norm.eval()
-        loss_sum, first_bad, wrong, step = torch.zeros((), device=device), torch.full((), -1, device=device), 0, 0
-        for step, (x, y) in enumerate(batches, 1):
-            check_batch(x, y, device)
-            y = y - classes.start
-            outside = ((y < 0) | (y >= len(classes))).sum()
-            if step == 1 and outside:  # one host sync an epoch, before any step on wrong labels
-                raise ValueError(f"training labels fall outside classes {classes}: {LABEL_RULE}")
-            wrong = wrong + outside  # the other batches: counted on the device, no host sync per step
+        loss_sum, step = torch.zeros((), device=device), 0
+        for step, (x, y) in enumerate(checked(batches, device, classes), 1):
             with forward_context(device, amp):
                 v = model.encode_image(x)
                 t = model.encode_text(task_tokens)
             # the cross-entropy over the task's own classes only: earlier classes' prompts are not pushed away. A
             # logit bias (SigLIP's) is one constant for every class: the softmax, its cross-entropy and argmax ignore it
             logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
-            loss = F.cross_entropy(logits, y.clamp(0, len(classes) - 1))
+            loss = F.cross_entropy(logits, y - classes.start)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-        if step == 0:
-            raise ValueError(f"the training batches of epoch {epoch} are empty (a generator is, after one pass: pass a "
-                             f"list or a DataLoader)")
-        if int(wrong):
-            raise ValueError(f"{int(wrong)} training labels fall outside classes {classes}: {LABEL_RULE}")
-        if first_bad.item() >= 0:
-            raise FloatingPointError(f"non-finite loss in epoch {epoch}, step {first_bad.item()}")
-        yield epoch, loss_sum.item() / step, schedule.get_last_lr()[0]
+            loss_sum += loss.detach()  # summed on the device: no host sync per step
+        yield epoch, finite(loss_sum.item() / step, f"loss in epoch {epoch}"), schedule.get_last_lr()[0]
         schedule.step()
 
 
@@ -278,17 +248,15 @@ def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range
                   s_minus_0: float, alpha: float, amp=None, report=print):
     """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
     returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
-    if not s_minus_0 or math.isnan(s_minus_0):
-        raise ValueError(f"S-(0) is {s_minus_0}: its relative drift is undefined (measure it on the pre-trained CLIP; "
-                         f"a task needs 2 classes)")
     start, trace = [p.detach().clone() for p in lora], []
     for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         if epoch == 1:
             after_one = [p.detach().clone() for p in lora]
         gap = measure_gap(model, train_eval, tokens[: classes.stop], amp)
-        drift = abs(gap.s_minus - s_minus_0) / abs(s_minus_0)
-        trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap.s_plus, s_minus=gap.s_minus, drift=drift))
-        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap.s_minus:.3f}  "
+        drift = abs(gap["s_minus"] - s_minus_0) / abs(s_minus_0)
+        trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap["s_plus"], s_minus=gap["s_minus"],
+                          drift=drift))
+        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap['s_minus']:.3f}  "
                f"relative drift {drift:.3f} (alpha {alpha})")
         if drift > alpha:  # epoch e went past the drift allowed: E* = e - 1 epochs, at least one
             e_star = max(epoch - 1, 1)
@@ -308,12 +276,7 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
     as the authors). The prompts sit across the modality gap from the images; the class means of v are prototypes on
     the image side, so new rows start there. Old rows stay: no image of an old class is left to train them on.
     Returns unnormalised rows."""
-    if (0 if classifier is None else len(classifier)) != classes.start:
-        raise ValueError(f"the classifier needs one row per class before {classes.start} (None for task 1)")
-    check_batch(feats, labels, feats.device)
     y = labels - classes.start
-    if len(y) == 0 or y.min() < 0 or y.max() >= len(classes):
-        raise ValueError(f"the visual classifier's {LABEL_RULE}")
     sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
     new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
     opt = torch.optim.Adam([new], lr=lr)
@@ -342,35 +305,27 @@ def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
 
 # Evaluation on all seen classes, and the continual-learning metrics.
 @torch.no_grad()
-def predict(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None) -> torch.Tensor:
-    """Fused, text-only and visual-only predictions (3, B) of one batch from one image-tower pass: text_feats from
-    text_features, the classifier's rows (normalised here; None: the text features serve) one per seen class."""
-    if classifier is not None and len(classifier) != len(text_feats):
-        raise ValueError(f"the classifier has {len(classifier)} rows for {len(text_feats)} seen classes; one per class")
+def branch_logits(model, x, text_feats, classifier, amp=None):
+    """The text branch's s cos(v, t_c) and the visual classifier's cos(v, w_c) of one batch over the seen classes
+    (text_feats from text_features; the classifier's rows, normalised here; None: the text features serve)."""
     model.eval()
     with forward_context(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
     w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
-    scale = model.logit_scale.exp().float()
-    text_logits, vis_logits = scale * v @ text_feats.T, v @ w.T
-    fused = fuse_scores(text_logits, vis_logits, fusion)
-    return torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])
+    return model.logit_scale.exp().float() * v @ text_feats.T, v @ w.T
 
 
 @torch.no_grad()
 def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
     """Per-class correct counts (3, C: fused, text, visual) and image counts (C,) of the C = len(text_feats) classes."""
     device, seen = model.logit_scale.device, len(text_feats)
-    correct, count, wrong = torch.zeros(3, seen, device=device), torch.zeros(seen, device=device), 0
-    for x, y in batches:
-        check_batch(x, y, device)
-        wrong = wrong + ((y < 0) | (y >= seen)).sum()  # counted on the device: no host sync per batch
-        y = y.clamp(0, seen - 1)
-        preds = predict(model, x, text_feats, classifier, fusion, amp)
+    correct, count = torch.zeros(3, seen, device=device), torch.zeros(seen, device=device)
+    for x, y in checked(batches, device, range(seen)):
+        text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
+        fused = fuse_scores(text_logits, vis_logits, fusion)
+        preds = torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])  # one image pass
         correct.index_add_(1, y, (preds == y).float())
         count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-    if int(wrong):
-        raise ValueError(f"{int(wrong)} test labels are not seen classes 0..{seen - 1}: {LABEL_RULE}")
     return correct.cpu(), count.cpu()
 
 
@@ -434,12 +389,12 @@ def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifie
     trained = False
     if epochs is None:
         epochs, trained, row["search"] = search_epochs(model, lora, train, train_eval, tokens, classes, hp.lr,
-                                                       hp.max_epochs, before.s_minus, hp.alpha, amp, report)
+                                                       hp.max_epochs, before["s_minus"], hp.alpha, amp, report)
         report(f"  gap preservation: E* = {epochs} epochs per task")
     if not trained:
         for epoch, loss, epoch_lr in finetune(model, lora, train, tokens, classes, hp.lr, epochs, amp):
             report(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
-    feats, labels = image_features(model, train_eval, amp)  # one pass serves S+ / S- and the classifier
+    feats, labels = image_features(model, train_eval, classes, amp)  # one pass serves S+ / S- and the classifier
     text_seen = text_features(model, seen_tokens, amp)
     after = modality_gap(feats, text_seen, labels, model.logit_scale.exp().item())
     if hp.compensation:
@@ -451,36 +406,119 @@ def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifie
     row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
                acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
                acc_per_task=[accuracy(fused, count, tasks[j].classes) for j in range(t + 1)],
-               gap_before=before._asdict(), gap_after=after._asdict())
+               gap_before=before, gap_after=after)
     visual = "n/a" if row["acc_visual"] is None else f"{row['acc_visual']:.2f}"
-    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {visual})  S+ {before.s_plus:.2f}->"
-           f"{after.s_plus:.2f}  S- {before.s_minus:.2f}->{after.s_minus:.2f} (pre-trained CLIP->trained)")
+    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {visual})  S+ {before['s_plus']:.2f}->"
+           f"{after['s_plus']:.2f}  S- {before['s_minus']:.2f}->{after['s_minus']:.2f} (pre-trained CLIP->trained)")
     return row, classifier, epochs
 
 
 def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
     """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task (metrics rows, E*, the
-    visual classifier, LoRA; on the CPU); a yielded state given back as `state` continues after its last task."""
+    visual classifier, LoRA, the random state, what it was taken on; on the CPU); a yielded state given back as
+    `state` continues after its last task, bit for bit. A task that fails leaves the model as the last state."""
+    check_contract(model, lora, tokens, tasks, hp, amp, state)
+    if state is None:  # E* is None until the search on task 1 sets it
+        epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
+        state = dict(rows=[], epochs=epochs, classifier=None, lora=[p.detach().to("cpu", copy=True) for p in lora])
+    classifier = load_state(model, lora, tokens, state)[1]
+    for t in range(len(state["rows"]), len(tasks)):
+        try:
+            row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp, amp,
+                                                 report)
+        except BaseException:  # Ctrl-C too: no half-trained task stays in the model
+            load_state(model, lora, tokens, state)
+            raise
+        state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
+                     classifier=None if classifier is None else classifier.to("cpu", copy=True),
+                     rng=torch.get_rng_state(), taken_on=taken_on(model, tokens, row["classes"][1]))
+        yield state
+
+
+# Using a trained state: the probabilities of new images.
+@torch.no_grad()
+def probabilities(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
+    """For one batch of images: the fused probabilities (B, C) over the C seen classes (argmax: predict's), the text
+    branch's softmax(s cos(v, t_c)) and the visual classifier's softmax(cos(v, w_c)) (None without one)."""
+    text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
+    if classifier is None:  # without compensation, the text branch alone predicts
+        return text_logits.softmax(-1), text_logits.softmax(-1), None
+    return fuse_scores(text_logits, vis_logits, fusion), text_logits.softmax(-1), vis_logits.softmax(-1)
+
+
+def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
+    """Load a state that learn_tasks yielded (or a run's checkpoint.pt) into a model from add_lora, after checking it
+    was taken on this model and these prompts; returns the number of seen classes and the visual classifier."""
+    seen = state["rows"][-1]["classes"][1] if state["rows"] else 0
+    saved, now = state.get("taken_on", {}), taken_on(model, tokens, seen)  # {}: before task 1, or before 2026-12
+    differ = [f"{k} {saved[k]} (here: {now[k]})" for k in saved if not math.isclose(saved[k], now[k], rel_tol=1e-9)]
+    if differ:
+        raise ValueError(f"the state was taken on another model or other prompts: {', '.join(differ)}; load it into "
+                         f"the model it was trained on (the same weights, add_lora rank and alpha, and prompts)")
+    set_lora(lora, state["lora"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])  # a shuffled DataLoader goes on as if never stopped
+    return seen, None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
+
+
+# The contracts, checked at the block's boundary so that the steps above read like the algorithm.
+def taken_on(model, tokens, seen: int) -> dict:
+    """What a state holds LoRA for: its rank and alpha, a checksum of the frozen weights, the seen classes' prompts."""
+    m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
+    weights = sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad).item()
+    return dict(rank=m.A.shape[1], lora_alpha=m.scale * m.A.shape[1], frozen_weights=weights,
+                prompts=hash(tuple(tokens[:seen].flatten().tolist())))
+
+
+def finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite {what} ({value})")
+    return value
+
+
+def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None):
+    """Refuse, before any work, what would train nothing or give a silently wrong number; each line says what to do."""
     modules = [m for m in model.modules() if isinstance(m, LoRAKeyValue)]
     if {id(p) for p in lora} != {id(p) for m in modules for p in (m.A, m.B)}:  # else: full fine-tuning, or none
         raise ValueError("lora is what add_lora(model) returned: the LoRA weights of this model, and only those")
     if [task.classes.start for task in tasks] != [0] + [task.classes.stop for task in tasks[:-1]]:
         raise ValueError("the tasks cut the class order into consecutive ranges from 0: task 2 starts where 1 stops")
-    check_tokens(tokens, tasks[-1].classes.stop)
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < tasks[-1].classes.stop:
+        raise TypeError(f"tokens are the tokenizer's tensor, tokenize(prompts), with a prompt for every class up to "
+                        f"{tasks[-1].classes.stop - 1}; got a {type(tokens).__name__} of {len(tokens)}")
+    if any(isinstance(b, typing.Iterator) for task in tasks for b in (task.train, task.train_eval, task.test)):
+        raise TypeError("batches are re-iterables (a list, a DataLoader); a generator is empty after one pass")
+    if hp.epochs is None and hp.preservation and len(tasks[0].classes) < 2:
+        raise ValueError("the epoch search needs 2 classes in task 1: S- averages over the other classes")
+    if amp == torch.float16:
+        raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
     if state is None and any(m.B.any() for m in modules):
         raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
-    if state is None:  # E* is None until the search on task 1 sets it
-        epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
-        state = dict(rows=[], epochs=epochs, classifier=None, lora=None)
-    if state["lora"] is not None:
-        set_lora(lora, state["lora"])
-    classifier = None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
-    for t in range(len(state["rows"]), len(tasks)):
-        row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp, amp,
-                                             report)
-        state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
-                     classifier=None if classifier is None else classifier.to("cpu", copy=True))
-        yield state
+    if state is not None and hp.epochs is not None and state["epochs"] not in (None, hp.epochs):
+        raise ValueError(f"the state's E* is {state['epochs']}, not hp.epochs = {hp.epochs}: drop epochs, or start "
+                         f"afresh")
+
+
+def checked(batches, device: torch.device, classes: range):
+    """The batches, each checked as it passes: (normalised float images, int64 labels within `classes`) on `device`.
+    One host sync on the first batch and one after the last; the labels in between are clamped, their misses counted."""
+    wrong, n, x = 0, 0, None
+    for n, (x, y) in enumerate(batches, 1):
+        if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
+            raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
+                            f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
+        wrong = wrong + ((y < classes.start) | (y >= classes.stop)).sum()
+        if n == 1 and bool((x.abs().amax() > 20) | (wrong > 0)):  # one host sync, before any step on wrong data
+            break
+        yield x, y.clamp(classes.start, classes.stop - 1)
+    if n == 0:
+        raise ValueError("the batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
+    if n == 1 and x.abs().amax() > 20:  # normalised pixels lie within about +-3; 0..255 would predict at chance
+        raise ValueError(f"the images reach {x.abs().amax().item():.0f}: normalise them as the model's "
+                         f"preprocessing does ((x / 255 - mean) / std)")
+    if int(wrong):
+        raise ValueError(f"{int(wrong)} labels fall outside classes {classes.start}..{classes.stop - 1}: {LABEL_RULE}")
+
 # ====================================================================================================== END METHOD
 
 

@@ -168,14 +168,14 @@ def test_vit_b16_has_491520_lora_parameters():
 def test_modality_gap_by_hand():
     v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    s_plus, s_minus, centroid = M.modality_gap(v, t, torch.tensor([0, 1]), 100.0)
-    assert s_plus == pytest.approx(90.0)  # (1 + 0.8) / 2
-    assert s_minus == pytest.approx(30.0)  # (0.6 + 0) / 2
-    assert centroid == pytest.approx(math.sqrt(0.3 ** 2 + 0.1 ** 2))  # |(.5, .5) - (.8, .4)|
+    gap = M.modality_gap(v, t, torch.tensor([0, 1]), 100.0)
+    assert gap["s_plus"] == pytest.approx(90.0)  # (1 + 0.8) / 2
+    assert gap["s_minus"] == pytest.approx(30.0)  # (0.6 + 0) / 2
+    assert gap["centroid_gap"] == pytest.approx(math.sqrt(0.3 ** 2 + 0.1 ** 2))  # |(.5, .5) - (.8, .4)|
     # three classes: S- averages over the two non-matching ones
     t3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    s_plus, s_minus, _ = M.modality_gap(torch.tensor([[2.0, 0.0]]), t3, torch.tensor([0]), 100.0)
-    assert (s_plus, s_minus) == (pytest.approx(100.0), pytest.approx(-50.0))
+    gap = M.modality_gap(torch.tensor([[2.0, 0.0]]), t3, torch.tensor([0]), 100.0)
+    assert (gap["s_plus"], gap["s_minus"]) == (pytest.approx(100.0), pytest.approx(-50.0))
 
 
 def test_fuse_scores_by_hand():
@@ -202,7 +202,7 @@ def test_epoch_search_stops_where_the_rule_says(monkeypatch, s_minus, e_star, do
     lora = M.add_lora(clip.model)
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     values = iter(s_minus)
-    monkeypatch.setattr(M, "modality_gap", lambda *args: M.Gap(0.0, next(values), 0.0))
+    monkeypatch.setattr(M, "modality_gap", lambda *args: dict(s_plus=0.0, s_minus=next(values), centroid_gap=0.0))
     batches = tiny_batches(clip)
     start = [p.detach().clone() for p in lora]
     after_one = []
@@ -233,8 +233,8 @@ def test_epoch_search_on_real_s_minus():
     untouched = [p.detach().clone() for p in lora]
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     batches = tiny_batches(clip)
-    feats, labels = M.image_features(clip.model, batches)
-    s_minus_0 = M.modality_gap(feats, M.text_features(clip.model, tokens), labels, 100.0)[1]
+    feats, labels = M.image_features(clip.model, batches, range(0, 2))
+    s_minus_0 = M.modality_gap(feats, M.text_features(clip.model, tokens), labels, 100.0)["s_minus"]
     assert M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 5e-2, 4, s_minus_0, 0.1)[:2] == \
         (1, True)
     M.set_lora(lora, untouched)
@@ -345,8 +345,9 @@ def test_method_functions_take_no_settings():
     """The method's functions take models, tensors and numbers: each can be copied into another project."""
     import inspect
     for fn in (M.add_lora, M.finetune, M.search_epochs, M.modality_gap, M.measure_gap, M.text_features,
-               M.image_features, M.train_visual_classifier, M.fuse_scores, M.predict, M.evaluate, M.split_tasks,
-               M.continual_metrics, M.accuracy, M.load_clip, M.learn_task, M.learn_tasks):
+               M.image_features, M.train_visual_classifier, M.fuse_scores, M.evaluate, M.split_tasks,
+               M.continual_metrics, M.accuracy, M.load_clip, M.learn_task, M.learn_tasks, M.probabilities,
+               M.load_state, M.check_contract, M.checked):
         for p in inspect.signature(fn).parameters.values():
             assert "Settings" not in str(p.annotation) and p.name != "cfg", (fn.__name__, p.name)
 
@@ -654,7 +655,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, monkeypatch
 
 def test_non_finite_loss_names_task_epoch_and_step(tmp_path):
     message = fail(["--dataset", "synthetic", "--epochs", "1", "--lr", "1e30", "--out", str(tmp_path)])
-    assert "non-finite loss in epoch 1, step" in message and "of task 1" in message and "--lr" in message
+    assert "non-finite loss in epoch 1 (" in message and "of task 1" in message and "--lr" in message
 
 
 # ---------------------------------------------------------------- speed: loaders and the timing script
@@ -716,11 +717,10 @@ def test_gap_before_each_task_is_the_pretrained_clips(synthetic_run):
     M.add_lora(clip.model)
     tokens = clip.tokenize([cfg.prompt.format(n) for n in data.classnames])
     feed = M.Feed(data.train, clip, {}, workers=0, progress=False)
-    feats, labels = M.image_features(clip.model, M.Batches(feed, range(5, 10), 64, "features"))
+    feats, labels = M.image_features(clip.model, M.Batches(feed, range(5, 10), 64, "features"), range(5, 10))
     expected = M.modality_gap(feats, M.text_features(clip.model, tokens[:10]), labels, 100.0)
-    got = s["gap"][1]["before"]
-    assert (got["s_plus"], got["s_minus"], got["centroid_gap"]) == pytest.approx(expected, rel=1e-4)
-    assert s["gap"][1]["after"]["s_minus"] != pytest.approx(expected[1], rel=1e-3)
+    assert s["gap"][1]["before"] == pytest.approx(expected, rel=1e-4)
+    assert s["gap"][1]["after"]["s_minus"] != pytest.approx(expected["s_minus"], rel=1e-3)
 
 
 def test_visual_classifier_starts_at_class_means_and_trains_only_new_rows():
@@ -735,8 +735,6 @@ def test_visual_classifier_starts_at_class_means_and_trains_only_new_rows():
     assert torch.equal(trained, M.train_visual_classifier(old, feats, labels, range(5, 8), 5e-4, 4, 3, 0))
     first = M.train_visual_classifier(None, feats, labels - 5, range(0, 3), 5e-4, 4, 0, 0)
     assert torch.equal(first, w[5:])  # the first task starts W
-    with pytest.raises(ValueError, match="one row per class before 5"):
-        M.train_visual_classifier(old[:4], feats, labels, range(5, 8), 5e-4, 4, 0, 0)
 
 
 def test_readme_commands_parse():
@@ -964,12 +962,13 @@ def test_loader_workers_stay_alive_and_the_script_names_no_missing_files():
 
 # ---------------------------------------------------------------- the method block, copied alone into another project
 def method_block() -> str:
-    """The text between the BEGIN METHOD and END METHOD comment lines, behind the file's own imports."""
+    """The text between the BEGIN METHOD and END METHOD comment lines, behind the import lines its opening comment
+    gives, uncommented: a copier pastes exactly these."""
     lines = (HERE / "mgclip.py").read_text().splitlines()
     begin = next(i for i, line in enumerate(lines) if line.startswith("#") and "BEGIN METHOD" in line)
     end = next(i for i, line in enumerate(lines) if line.startswith("#") and "END METHOD" in line)
-    imports = [line for line in lines[:begin] if line.startswith(("import ", "from "))]
-    assert begin < 150 and end > begin
+    imports = [line[2:] for line in lines[begin:end] if line.startswith(("# import ", "# from "))]
+    assert begin < 150 and end > begin and "import torch.nn.functional as F" in imports
     return "\n".join(imports + lines[begin:end + 1]) + "\n"
 
 
@@ -1009,7 +1008,7 @@ def synthetic_tasks(task_class):
 def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run):
     copied = {"__name__": "copied"}
     exec(compile(method_block(), "copied_method.py", "exec"), copied)
-    assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M"} & set(copied)
+    assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M", "numpy", "os"} & set(copied)
     clip, tokens, tasks = synthetic_tasks(copied["Task"])
     lora = copied["add_lora"](clip.model, rank=8, lora_alpha=1.0)
     hp = copied["Hyper"](lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
@@ -1028,45 +1027,124 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
     batches = tiny_batches(clip)  # labels 0, 1
     one_shot = M.finetune(clip.model, lora, (b for b in batches), tokens, range(0, 2), 1e-2, 2)
     next(one_shot)  # a generator serves one epoch, and then it is empty
-    with pytest.raises(ValueError, match="epoch 2 are empty \\(a generator is"):
+    with pytest.raises(ValueError, match="the batches are empty \\(a generator is"):
         next(one_shot)
-    with pytest.raises(ValueError, match="feature batches are empty \\(a generator is"):
-        M.image_features(clip.model, (b for b in []))
+    with pytest.raises(ValueError, match="the batches are empty \\(a generator is"):
+        M.image_features(clip.model, (b for b in []), range(0, 2))
     before = [p.detach().clone() for p in lora]
     with pytest.raises(ValueError, match="class-order positions"):  # task 2 is classes 1..2, labels counted from 0
         next(M.finetune(clip.model, lora, batches, tokens, range(1, 3), 1e-2, 1))
     assert all(torch.equal(p, b) for p, b in zip(lora, before))  # refused before any step
-    with pytest.raises(ValueError, match="class-order positions"):
-        M.train_visual_classifier(torch.randn(1, 64), torch.randn(4, 64), torch.tensor([0, 1, 0, 1]), range(1, 3),
-                                  1e-3, 2, 1, 0)
-    with pytest.raises(ValueError, match="index the 2 prompts"):  # task 2's labels given to a task-2-only gap
-        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([2, 3, 2, 3]), 100.0)
-    with pytest.raises(TypeError, match="a prompt for every class up to 2"):  # task 2's tokens alone
-        next(M.finetune(clip.model, lora, [(x, y + 1) for x, y in batches], tokens[1:], range(1, 3), 1e-2, 1))
-    with pytest.raises(TypeError, match="logit_scale.exp"):
-        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale)
-    with pytest.raises(ValueError, match="S-\\(0\\) is 0"):
-        M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 2), 1e-2, 2, 0.0, 0.1)
+    with pytest.raises(ValueError, match="2 labels fall outside classes 1..2"):  # features for the classifier
+        M.image_features(clip.model, batches, range(1, 3))
+    with pytest.raises(ValueError, match="labels fall outside classes 0..0"):  # a gap over one prompt
+        M.measure_gap(clip.model, batches, tokens[:1])
     with pytest.raises(ValueError, match="already has LoRA"):
         M.add_lora(clip.model)
-    with pytest.raises(ValueError, match="a task needs 2 classes"):  # one class: S- has no pair to average
-        M.search_epochs(clip.model, lora, batches, batches, tokens, range(0, 1), 1e-2, 2, float("nan"), 0.1)
-    next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1))
     task = M.Task(range(0, 2), batches, batches, batches)
+    one_class = M.Task(range(0, 1), batches, batches, batches)
+    with pytest.raises(ValueError, match="the epoch search needs 2 classes in task 1"):  # S-(0) would be NaN
+        next(M.learn_tasks(clip.model, lora, tokens, [one_class, M.Task(range(1, 3), *[batches] * 3)], M.Hyper()))
+    with pytest.raises(TypeError, match="a generator is empty after one pass"):
+        next(M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 2), iter(batches), batches, batches)],
+                           M.Hyper()))
+    next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1))
     with pytest.raises(ValueError, match="LoRA has trained already"):  # its "initial" would not be the pre-trained CLIP
         next(M.learn_tasks(clip.model, lora, tokens, [task], M.Hyper()))
     correct, count = torch.zeros(3, 2), torch.ones(2)
     with pytest.raises(ValueError, match="one row"):
         M.accuracy(correct, count, range(0, 2))
     # whatever the classifier returns, evaluate normalises it: unnormalised and normalised rows give the same counts
-    feats, labels = M.image_features(clip.model, batches)
+    feats, labels = M.image_features(clip.model, batches, range(0, 2))
     w = M.train_visual_classifier(None, feats, labels, range(0, 2), 1e-3, 4, 1, 0)
     text = M.text_features(clip.model, tokens[:2])
     raw = M.evaluate(clip.model, batches, text, 5 * w)
     unit = M.evaluate(clip.model, batches, text, torch.nn.functional.normalize(w, dim=-1))
     assert torch.equal(raw[0], unit[0]) and not torch.allclose(w.norm(dim=-1), torch.ones(2))
-    with pytest.raises(ValueError, match="rows for 3 seen classes"):
+    with pytest.raises(RuntimeError, match="size of tensor"):  # 2 rows for 3 seen classes: no silent fusion
         M.evaluate(clip.model, batches, M.text_features(clip.model, tokens), w)
+
+
+def test_fine_tuning_trains_inside_a_callers_autocast():
+    """An outer bf16 autocast around fine-tuning with amp=None: LoRA trains as without it, not at a standstill (autocast
+    would cache its low-precision copy of A and B across the steps)."""
+    losses = {}
+    for outer, amp in ((None, None), (torch.bfloat16, None), (torch.bfloat16, torch.bfloat16)):
+        clip = tiny_clip()
+        lora = M.add_lora(clip.model)
+        tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+        with torch.autocast("cpu", dtype=outer) if outer else contextlib.nullcontext():
+            losses[outer, amp] = [loss for _, loss, _ in M.finetune(clip.model, lora, tiny_batches(clip), tokens,
+                                                                     range(0, 2), 5e-2, 4, amp)]
+    assert losses[None, None][-1] < 0.7 * losses[None, None][0]
+    for both in ((torch.bfloat16, None), (torch.bfloat16, torch.bfloat16)):  # bf16 logits; fp32 or bf16 towers
+        assert losses[both][-1] == pytest.approx(losses[None, None][-1], rel=0.1), both
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        with M.forward_context(torch.device("cpu"), None):
+            assert clip.model.encode_image(tiny_batches(clip)[0][0]).dtype == torch.float32  # amp=None: fp32 inside
+
+
+def test_a_state_loads_only_into_the_model_and_prompts_it_was_taken_on():
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    lora = M.add_lora(clip.model)
+    hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    state = next(M.learn_tasks(clip.model, lora, tokens, tasks, hp, report=lambda line: None))
+    assert state["taken_on"]["rank"] == 8 and state["taken_on"]["lora_alpha"] == 1.0
+    others = {"lora_alpha 1.0 \\(here: 16.0\\)": (0, dict(lora_alpha=16.0), tokens),
+              "rank 8 \\(here: 4\\)": (0, dict(rank=4), tokens),
+              "frozen_weights": (1, {}, tokens),  # other base weights of the same shapes
+              "prompts": (0, {}, tokens.flip(0))}
+    for named, (seed, lora_args, prompts) in others.items():
+        other = M.load_clip("tiny", "none", torch.device("cpu"), seed=seed)
+        other_lora = M.add_lora(other.model, **lora_args)
+        with pytest.raises(ValueError, match=f"taken on another model or other prompts: .*{named}"):
+            next(M.learn_tasks(other.model, other_lora, prompts, tasks, hp, state=state))
+    with pytest.raises(ValueError, match="the state's E\\* is 1, not hp.epochs = 4"):
+        next(M.learn_tasks(clip.model, lora, tokens, tasks, M.Hyper(epochs=4), state=state))
+    more = torch.cat([tokens, clip.tokenize(["a good photo of a new class."])])  # classes added later: the same prefix
+    assert M.load_state(clip.model, lora, more, state)[0] == 5
+
+
+def test_images_far_outside_the_normalised_range_are_refused_on_the_first_batch():
+    clip = tiny_clip()
+    lora = M.add_lora(clip.model)
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    raw = [(torch.randint(0, 256, (4, 3, 32, 32)).float(), torch.tensor([0, 1, 0, 1]))]  # 0..255, not normalised
+    with pytest.raises(ValueError, match="the images reach 25[0-5]: normalise them"):
+        next(M.finetune(clip.model, lora, raw, tokens, range(0, 2), 1e-2, 1))
+    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # before any step
+    with pytest.raises(ValueError, match="normalise them"):
+        M.evaluate(clip.model, raw, M.text_features(clip.model, tokens), None)
+
+
+def test_a_task_that_fails_leaves_the_model_as_the_last_yielded_state():
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    x, y = next(iter(tasks[1].train_eval))
+    tasks[1].test = [(x, y)]  # task 2's test images lack task 1's classes: refused only after task 2 trained
+    lora = M.add_lora(clip.model)
+    states = M.learn_tasks(clip.model, lora, tokens, tasks, M.Hyper(lr=1e-2, epochs=1), report=lambda line: None)
+    first = next(states)
+    with pytest.raises(ValueError, match="no test image of classes 0..4"):
+        next(states)
+    assert all(torch.equal(p, saved) for p, saved in zip(lora, first["lora"]))
+
+
+def test_a_shuffled_dataloader_resumes_bit_for_bit():
+    """The state carries the random state: a DataLoader that shuffles from torch's generator goes on as if the run
+    had never stopped, in a model built afresh (as in a new process)."""
+    def run(state=None):
+        clip, tokens, tasks = synthetic_tasks(M.Task)
+        for task in tasks:
+            x, y = next(iter(task.train_eval))
+            task.train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+        torch.manual_seed(123 if state else 0)  # what ran before in this process differs
+        lora = M.add_lora(clip.model)
+        hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
+        return M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, state=state, report=lambda line: None)
+    straight = list(run())[-1]
+    resumed = next(run(next(run())))
+    assert resumed["rows"] == straight["rows"] and all(torch.equal(a, b) for a, b in zip(resumed["lora"],
+                                                                                           straight["lora"]))
 
 
 def test_a_tower_that_lora_cannot_reach_is_refused():
@@ -1490,7 +1568,7 @@ def test_the_method_refuses_what_would_silently_miscount():
     x, y = batches[0]
     with pytest.raises(ValueError, match="no test image of classes 2..3"):  # 0% would read as forgetting
         M.accuracy(torch.ones(4), torch.tensor([2.0, 2.0, 0.0, 0.0]), range(2, 4))
-    with pytest.raises(ValueError, match="epoch 1 are empty"):
+    with pytest.raises(ValueError, match="the batches are empty"):
         next(M.finetune(clip.model, lora, [], tokens, range(0, 2), 1e-2, 3))
     with pytest.raises(ValueError, match="one value per LoRA weight"):
         M.set_lora(lora, [torch.zeros_like(p) for p in lora[:-1]])
@@ -1498,24 +1576,19 @@ def test_the_method_refuses_what_would_silently_miscount():
                    "uint8 images": ((x * 50).to(torch.uint8), y), "another device": (x.to("meta"), y)}
     for name, batch in bad_batches.items():
         for call in (lambda: next(M.finetune(clip.model, lora, [batch], tokens, range(0, 2), 1e-2, 1)),
-                     lambda: M.image_features(clip.model, [batch]),
+                     lambda: M.image_features(clip.model, [batch], range(0, 2)),
                      lambda: M.evaluate(clip.model, [batch], M.text_features(clip.model, tokens), None)):
             with pytest.raises(TypeError, match="a batch is \\(float images as the model takes them, int64 labels"):
                 call()
-    with pytest.raises(TypeError, match="tokenizer's tensor"):
-        M.text_features(clip.model, ["a good photo of a kalo.", "a good photo of a zuter."])
-    with pytest.raises(ValueError, match="fp16 autocast needs a gradient scaler"):
-        next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1, torch.float16))
-    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # nothing trained
-    with pytest.raises(TypeError, match="int64 labels"):  # the classifier's labels too
-        M.train_visual_classifier(None, torch.randn(4, 8), torch.tensor([0, 1, 0, 1]).int(), range(0, 2), 1e-3, 2, 1, 0)
-    with pytest.raises(TypeError, match="the number s = model.logit_scale.exp"):  # its .data is a tensor of log s
-        M.modality_gap(torch.randn(4, 8), torch.randn(2, 8), torch.tensor([0, 1, 0, 1]), clip.model.logit_scale.data)
     task = M.Task(range(0, 2), batches, batches, batches)
+    with pytest.raises(ValueError, match="fp16 autocast needs a gradient scaler"):
+        next(M.learn_tasks(clip.model, lora, tokens, [task], M.Hyper(), torch.float16))
+    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # nothing trained
     for lora_given, tasks, prompts, named in (
             (list(clip.model.parameters()), [task], tokens, "what add_lora\\(model\\) returned"),  # full fine-tuning
             (lora, [task, M.Task(range(4, 6), batches, batches, batches)], tokens, "consecutive ranges from 0"),
-            (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3; got a Tensor of 2")):
+            (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3; got a Tensor of 2"),
+            (lora, [task], ["a good photo of a kalo.", "a good photo of a zuter."], "the tokenizer's tensor")):
         with pytest.raises((ValueError, TypeError), match=named):
             next(M.learn_tasks(clip.model, lora_given, prompts, tasks, M.Hyper()))
     with M.pretrained_clip(clip.model) as pretrained:
@@ -1544,7 +1617,7 @@ def test_the_block_sets_the_mode_itself_and_before_is_always_the_pretrained_clip
     dropout.train()
     with torch.no_grad():  # in train mode, half the patches drop at random
         assert not torch.equal(dropout.encode_image(batches[0][0]), dropout.encode_image(batches[0][0]))
-    assert torch.equal(M.image_features(dropout, batches)[0], M.image_features(dropout, batches)[0])
+    assert torch.equal(M.image_features(dropout, batches, range(2))[0], M.image_features(dropout, batches, range(2))[0])
     clip, tokens, tasks = synthetic_tasks(M.Task)
     lora = M.add_lora(clip.model)
     hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)

@@ -18,6 +18,10 @@
 # its first task, so that the table shows such a run too (its phases from its checkpoint): 0 when that one timed
 # out and every other part finished.
 #
+# A run stopped by its time limit gets TERM, and KILL if it has not ended GPU_SH_GRACE seconds later (default 30:
+# loader workers with deep prefetch can take longer than 5 s to go; --cpu-smoke 10). Either way it counts as timed
+# out, its finished tasks read from its checkpoint (replaced atomically after each task, so a kill leaves it whole).
+#
 # Before the call, HERE (a machine with network), fill .whl/ once with the packages the GPU machine lacks, at the
 # versions that pass this project's tests (Python 3.12 on x86_64 there; all three are pure-Python wheels):
 #   mkdir -p .git/info; echo /.whl/ >> .git/info/exclude
@@ -36,16 +40,18 @@
 # batch sizes, but in 5 tasks of 20 classes and with fewer images (fewer tasks: each loader start serves more
 # images, so the phases' images/s are less start-up):
 #   part         images (forward / training)                       fp32    tf32, bf16 (each)   slot (fp32, others)
-#   speed.py     2 x 6 x 256 / 2 x 6 x 128, fp32 + loader figure   41 s    14 s                55 s, 25 s
-#   timing       40 train + 10 test per class, 1 epoch:            53 s    30 s                65 s, 45 s
+#   speed.py     2 x 6 x 256 / 2 x 6 x 128, fp32 + loader figure   41 s    14 s                50 s, 25 s
+#   timing       40 train + 10 test per class, 1 epoch:            53 s    30 s                60 s, 40 s
 #                features 8000 (S+ / S- before; after, with the classifier's) + eval 200 x (1+..+5) = 11000 / 4000
-#   search       16 train + 8 test per class, --max-epochs 3:      38 s    25 s                55 s, 40 s
+#   search       16 train + 8 test per class, --max-epochs 3:      38 s    25 s                50 s, 35 s
 #                E* = 1 (probe up to 2 epochs, no retrain): 6240 / 1920;
 #                worst, E* = 3 kept: 6560 / 4800                    49 s    29 s
 #   install 5 s, env 10 s, table 2 s                                                           15 s, 25 s, 15 s
-# Estimated ~285 s in all (~305 s at worst); the slots add up to 450 s (checked below: at most 450). A part may
-# use its own slot and what the parts before it left unused, never the slots of the parts after it; a part whose
-# limit would fall under 5 s is skipped (shown so in the table).
+# Estimated ~285 s in all (~305 s at worst); the slots add up to 415 s. A part may use its own slot and what the
+# parts before it left unused, never the slots of the parts after it; a part whose limit would fall under 5 s is
+# skipped (shown so in the table). Only the grace goes past a slot: a run stopped at its limit may take 30 s more
+# to end, taken from the parts after it, but never from the table, which always gets its own 15 s (and 5 s of grace:
+# no loader workers). At most 415 + 30 + 5 = 450 s in all (checked below), and 30 s for the caller's copying.
 set -uo pipefail  # no -e: a part that fails is recorded and the script goes on
 
 die() {
@@ -64,6 +70,12 @@ if [[ "${1:-}" == "--cpu-smoke" ]]; then
     shift
 fi
 [[ $# -eq 1 && -n "$1" && "$1" != -* ]] || usage
+# seconds between TERM and KILL for a part stopped at its limit: the runs' (loader workers), and the others' (install,
+# env and table: one Python process with no workers, which TERM ends at once)
+grace=${GPU_SH_GRACE:-30}
+(( smoke )) && grace=${GPU_SH_GRACE:-10}  # killed or not, it counts the same: 10 s bounds what a busy machine adds
+[[ $grace =~ ^[1-9][0-9]*$ ]] || die "GPU_SH_GRACE must be a whole number of seconds, 1 or more (not '$grace')"
+short_grace=5
 out=$(realpath -m -- "$1")
 # mgclip.py continues or refuses a run in a folder it has used before: old results would be mixed in
 if [[ -e "$out" && -n "$(ls -A -- "$out" 2>/dev/null)" ]]; then
@@ -95,12 +107,12 @@ if (( smoke )); then
     search_args=(--syn-train 8 --syn-test 4 --tasks 2 --max-epochs 3)
     # one thread: fast on 2 busy cores, and the same numbers on every run
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    # each only a bound for a hung part: a part takes ~6 s, ~15 s on a machine busy with another test run
-    declare -A slot=([env]=60 [table]=60)
+    # each only a bound for a hung part: a part takes ~6 s, ~40 s with its kind's other two on 2 cores at load 4
+    declare -A slot=([env]=90 [table]=90)
     for p in "${precisions[@]}"; do
-        slot[speed-$p]=60
-        slot[timing-$p]=60
-        slot[search-$p]=60
+        slot[speed-$p]=90
+        slot[timing-$p]=90
+        slot[search-$p]=90
     done
 else
     speed_args=(--model ViT-B-16 --batch-size 128 --eval-batch-size 256 --device cuda)
@@ -112,16 +124,17 @@ else
     # seconds; the sizing above says where they come from
     declare -A slot=(
         [install]=15 [env]=25 [table]=15
-        [speed-fp32]=55 [speed-tf32]=25 [speed-bf16]=25
-        [timing-fp32]=65 [timing-tf32]=45 [timing-bf16]=45
-        [search-fp32]=55 [search-tf32]=40 [search-bf16]=40
+        [speed-fp32]=50 [speed-tf32]=25 [speed-bf16]=25
+        [timing-fp32]=60 [timing-tf32]=40 [timing-bf16]=40
+        [search-fp32]=50 [search-tf32]=35 [search-bf16]=35
     )
-    # 8 minutes less 30 s for the last part's kill grace and the caller's copying
+    # 7.5 minutes: the slots, the grace of the last run stopped at its limit, and the table's; 8 with the copying
     total=0
     for name in "${!slot[@]}"; do
         total=$(( total + slot[$name] ))
     done
-    (( total <= 450 )) || die "the slots add up to ${total} s, over the 450 s budget: shrink a slot"
+    (( total + grace + short_grace <= 450 )) \
+        || die "the slots (${total} s) and graces (${grace} + ${short_grace} s) are over the 450 s budget: shrink one"
 fi
 # what every mgclip.py run shares, in both modes (tiny takes --pretrained none too)
 run_args+=(--dataset synthetic --pretrained none --syn-size 32 --batch-size 128 --vis-batch-size 64 --workers 8)
@@ -144,8 +157,9 @@ last_line() {
 # stop_after_first_task FOLDER PID: --cpu-smoke's run stopped by its time limit. A limit in seconds would stop it in
 # whichever task a busy machine had reached, or before its first; instead, as soon as the run in FOLDER has saved its
 # first task (metrics.jsonl is written after checkpoint.pt, each at once), PID (its timeout) gets SIGALRM, the signal
-# of its own timer: the run is stopped as at its limit (TERM to its processes, exit 124), in task 2 of 5. The 4 tasks
-# left take ~0.3 s, 15 times the 0.02 s between looks, on an idle machine as on a busy one (where both slow down).
+# of its own timer: the run is stopped as at its limit (TERM to its processes, exit 124; KILL after the grace, 137),
+# in task 2 of 5. The 4 tasks left take ~0.3 s, 15 times the 0.02 s between looks, on an idle machine as on a busy
+# one (where both slow down). Succeeds when it sent the signal, fails when the run ended first.
 stop_after_first_task() {
     local folder=$1 pid=$2
     while kill -0 "$pid" 2>/dev/null; do  # bash reaps its children at once: kill -0 fails when it has ended
@@ -155,6 +169,7 @@ stop_after_first_task() {
         fi
         sleep 0.02
     done
+    return 1
 }
 
 # part NAME COMMAND...: runs COMMAND under timeout until NAME's deadline, output in logs/NAME.log, one line in
@@ -162,10 +177,13 @@ stop_after_first_task() {
 part() {
     local name=$1
     shift
-    local begin limit rc ms status
+    local begin limit rc ms status kill_after=$grace alarmed=0
     begin=$(now_ms)
+    case $name in install | env | table) kill_after=$short_grace ;; esac
     if (( smoke )); then
         limit=${slot[$name]}  # parts run side by side (below): the slot only bounds a hung one
+    elif [[ $name == table ]]; then
+        limit=${slot[$name]}  # what comes back: never skipped, whatever grace the last run took (sizing, above)
     else
         deadline_ms=$(( deadline_ms + slot[$name] * 1000 ))
         limit=$(( (deadline_ms - begin) / 1000 ))
@@ -175,22 +193,25 @@ part() {
         printf '[%4d s] %-12s skipped (no time left)\n' $(( begin / 1000 )) "$name"
         return 1
     fi
-    # timeout signals the whole process group, so loader workers go too; KILL 5 s later if TERM did not do it
+    # timeout signals the whole process group, so loader workers go too; KILL (timeout's group, itself included)
+    # kill_after seconds later if TERM did not end them
     if [[ $name == "$stopped" ]]; then
-        timeout --kill-after=5 "$limit" "$@" </dev/null >"$out/logs/$name.log" 2>&1 &
+        timeout --kill-after="$kill_after" "$limit" "$@" </dev/null >"$out/logs/$name.log" 2>&1 &
         local pid=$!
-        stop_after_first_task "$out/$name" "$pid"
+        stop_after_first_task "$out/$name" "$pid" && alarmed=1
         wait "$pid"
     else
-        timeout --kill-after=5 "$limit" "$@" </dev/null >"$out/logs/$name.log" 2>&1
+        timeout --kill-after="$kill_after" "$limit" "$@" </dev/null >"$out/logs/$name.log" 2>&1
     fi
     rc=$?
     ms=$(( $(now_ms) - begin ))
     if (( rc == 0 )); then
         status=ok
-    # 124 is timeout's own (none of these commands exits 124); 137 is also a process the kernel killed (out of
-    # memory), so it is a time limit only at the limit (timeout's KILL, 5 s after its TERM)
-    elif (( rc == 124 || (rc == 137 && ms >= limit * 1000) )); then
+    # Stopped by its time limit: ended after timeout's TERM, 124 (timeout's own: none of these commands exits 124);
+    # still running after the grace and KILLed, 137 (timeout killed with it); 143 (TERM) should timeout itself end so.
+    # 137 and 143 are also a kill from elsewhere (the kernel's, out of memory), so they are a time limit only once
+    # the limit has passed, or gpu.sh's own stop (--cpu-smoke) sent timeout its ALRM
+    elif (( rc == 124 || ((rc == 137 || rc == 143) && (alarmed || ms >= limit * 1000)) )); then
         status="timed out"
     else
         status="failed (exit $rc)"

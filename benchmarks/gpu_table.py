@@ -5,8 +5,9 @@
 
 `table` reads what gpu.sh left in OUTDIR: parts.tsv (each part's status, seconds and command), env.json,
 speed-P.json (benchmarks/speed.py) and the mgclip.py runs timing-P/ and search-P/. A run stopped by its time
-limit has no summary.json: its finished tasks are read from checkpoint.pt instead (metrics.jsonl, without the
-phases, where torch does not import), and its status says how many it finished.
+limit (ended at TERM, or KILLed after gpu.sh's grace: timed out either way) has no summary.json: its finished tasks
+are read from checkpoint.pt instead (replaced atomically, so whole after a kill; metrics.jsonl, without the phases,
+where torch does not import), and its status says how many it finished.
 Throughputs, times and memory are compared with fp32 as ratios; accuracy, S+ / S- and E* as differences.
 """
 import argparse

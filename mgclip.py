@@ -29,6 +29,7 @@ import argparse
 import fcntl
 import collections
 import dataclasses
+import difflib
 import importlib.metadata
 import json
 import logging
@@ -54,10 +55,17 @@ import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torch.nn.utils import parametrize
+try:
+    import torchvision
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.datasets.folder import make_dataset
+except RuntimeError as e:  # "operator torchvision::nms does not exist": a torchvision built for another torch
+    minor, patch = torch.__version__.split("+")[0].split(".")[1:3]
+    index = " --index-url https://download.pytorch.org/whl/cpu" if torch.version.cuda is None else ""
+    sys.exit(f"mgclip: error: torchvision {importlib.metadata.version('torchvision')} does not fit torch "
+             f"{torch.__version__} ({e}); install the pair from one index: pip install torch=={torch.__version__} "
+             f"torchvision==0.{int(minor) + 15}.{patch}{index}")
 from tqdm.auto import tqdm
 
 
@@ -552,8 +560,12 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
         first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
         works = " or ".join(str(first + k) for k in range(1, rest // 2 + 1) if rest % k == 0)
         after = f" after --initial-increment {initial_increment}" if initial_increment else ""
+        fits = [b for b in range(2, num_classes) if tasks > 1 and (num_classes - b) % (tasks - 1) == 0
+                and num_classes - b >= 2 * (tasks - 1)]  # B classes first, then tasks of 2 or more
+        target = initial_increment or num_classes / max(tasks, 1)
+        other = f"--initial-increment {min(fits, key=lambda b: abs(b - target))}" if fits else "another --tasks"
         raise UserError(f"{num_classes} classes do not split into --tasks {tasks} of at least 2 classes each{after}; "
-                        f"use --tasks {works or 1}, or another --initial-increment")
+                        f"use --tasks {works or 1}, or --tasks {tasks} with {other}")
     bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
@@ -615,9 +627,14 @@ def check_images(files: list[str], workers: int, progress: bool):
 
 
 def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
-    """One image file, decoded by PIL as RGB and prepared like open_clip does."""
+    """One image file, decoded by PIL as RGB (16- and 32-bit integer images scaled to 8 bits: PIL's convert would
+    clip them to white) and prepared like open_clip does."""
     try:
         with PIL.Image.open(path) as image:
+            if image.mode.startswith("I"):
+                pixels = numpy.asarray(image, dtype=numpy.float64)
+                top = 65535 if pixels.max() <= 65535 else 2**32 - 1
+                image = PIL.Image.fromarray((pixels * 255 / top).round().astype(numpy.uint8))
             image = image.convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); replace it with a readable copy (deleting it "
@@ -762,22 +779,31 @@ def class_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def folder_split(folder: Path, classes: list[str]) -> Split:
-    """Every image of folder/<class>/ for the classes in class order, labelled by position, as torchvision's
-    ImageFolder finds them (its extensions, subfolders, links); macOS's ._* files (not images) are skipped."""
-    macos = []
+PIL.Image.init()  # every format plugin: the extensions of every image PIL opens, GIF included
+IMAGE_EXTENSIONS = tuple(ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN)
 
-    def is_image(path: str) -> bool:
-        if os.path.basename(path).startswith("._"):
-            macos.append(path)
-            return False
-        return has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+def is_image(path: str) -> bool:
+    """A file PIL opens, by its extension; macOS's ._* files are not images."""
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith("._")
+
+
+def folder_split(folder: Path, classes: list[str]) -> Split:
+    """Every image of folder/<class>/ for the classes in class order, labelled by position, found as torchvision's
+    ImageFolder finds them (subfolders, links) with every extension PIL opens; the other files are counted."""
+    skipped = []
+
+    def keep(path: str) -> bool:
+        if not is_image(path):
+            skipped.append("._*" if os.path.basename(path).startswith("._") else Path(path).suffix.lower() or "none")
+        return is_image(path)
     try:
-        found = make_dataset(str(folder), {name: pos for pos, name in enumerate(classes)}, is_valid_file=is_image)
+        found = make_dataset(str(folder), {name: pos for pos, name in enumerate(classes)}, is_valid_file=keep)
     except FileNotFoundError as e:
-        raise UserError(f"{folder}: {e}") from None
-    if macos:
-        log.info(f"skipped {len(macos)} macOS ._* files under {folder} (e.g. {macos[0]})")
+        raise UserError(f"{folder}: {e} (read: the files PIL opens)") from None
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in collections.Counter(skipped).most_common())
+        log.info(f"skipped what PIL does not open under {folder}: {kinds}")
     found.sort(key=lambda item: (item[1], item[0]))
     return Split(torch.tensor([pos for _, pos in found]), files=[path for path, _ in found])
 
@@ -814,9 +840,11 @@ def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str],
     if not folders:
         raise UserError(f"no class folders in {source}; expected {source}/<class>/ with the images of each class")
     if test_dir is not None and folders != class_folders(test_dir):
-        differ = sorted(set(folders) ^ set(class_folders(test_dir)))
-        raise UserError(f"the classes in {source} and {test_dir} differ ({', '.join(differ[:3])}...); "
-                        f"both need the same class folders")
+        sides = ((test_dir, folders, class_folders(test_dir)), (source, class_folders(test_dir), folders))
+        lacks = [f"{where} lacks {', '.join(sorted(set(have) - set(its))[:3])}" for where, have, its in sides
+                 if set(have) - set(its)]
+        raise UserError(f"the class folders of {source} and {test_dir} differ: {'; '.join(lacks)}; both need the same "
+                        f"class folders")
     imagenet, imagenet_r = wordnet_ids("imagenet_synsets.txt"), wordnet_ids("imagenet_r_synsets.txt")
     if cfg.dataset == "imagenet100" and folders == imagenet:
         folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
@@ -943,28 +971,33 @@ class Settings:
     model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
     pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
     lora_rank: int = arg(8, METHOD, "LoRA rank r", low=1)
-    lora_alpha: float = arg(1.0, METHOD, "LoRA alpha (delta W = alpha / r * B @ A)", above=0)
+    lora_alpha: float = arg(1.0, METHOD, "LoRA's scale: delta W = lora_alpha / r * B @ A (not gap preservation's "
+                            "--alpha)", above=0)
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
     lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
     batch_size: int | None = arg(None, METHOD, "training batch", low=1)
     epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, from gap preservation); 0: no fine-tuning",
                              low=0)
-    alpha: float = arg(0.1, METHOD, "gap preservation: stop when |S-(e) - S-(0)| / |S-(0)| exceeds alpha", above=0)
+    alpha: float = arg(0.1, METHOD, "gap preservation's tolerance: the search stops when |S-(e) - S-(0)| / |S-(0)| "
+                       "exceeds alpha (not LoRA's --lora-alpha)", above=0)
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
     vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)
     vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch", low=1)
     vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task", low=0)
-    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics), fp32 (strict) or bf16 (autocast)",
-                         choices=PRECISIONS)
+    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics; on a CPU plain fp32), fp32 (strict) or bf16 "
+                         "(autocast)", choices=PRECISIONS)
     text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch", low=0)
     visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier", low=0)
-    preservation: bool = arg(True, ABLATIONS, "turn gap preservation off: no search, --epochs or --max-epochs per task")
+    preservation: bool = arg(True, ABLATIONS, "turn gap preservation off: no epoch search; every task trains "
+                             "--max-epochs epochs (or --epochs)")
     compensation: bool = arg(True, ABLATIONS, "turn gap compensation off: the text branch alone predicts")
     dataset: str = arg("cifar100", DATA, "the benchmark", choices=tuple(DATASET_DEFAULTS))
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
     tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
-    class_order: str | None = arg(None, DATA, "file of class indices from 0 (default: the published order, or seeded)")
+    class_order: str | None = arg(None, DATA, "file that lists each class index (from 0) once, in the order to learn "
+                                  "them, separated by spaces, commas or new lines (default: the published order, or "
+                                  "seeded)")
     split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's, continuum's), in --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes", low=2)
@@ -973,14 +1006,19 @@ class Settings:
     syn_size: int = arg(32, DATA, "synthetic: image side in pixels", low=8)
     seed: int | None = arg(None, RUN, "random seed", low=0, high=2**32 - 1)
     device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
-    workers: int = arg(4, RUN, "data-loader processes that decode and resize images", low=0)
+    workers: int = arg(4, RUN, "data-loader processes that decode and resize images; 0: in the main process", low=0)
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
     out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
     resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)")
-    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset before and after",
+    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images of the pre-trained "
+                                    "CLIP and of the one after the last task: what the run retains",
                                     choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
     progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
+    predict: list[str] | None = arg(None, RUN, "classify images with the last finished task of the run in RUN: one "
+                                    "line per image, its path and its --top-k classes, each with its probability",
+                                    metavar=("RUN", "PATH"))
+    top_k: int = arg(5, RUN, "--predict: the classes printed per image", low=1)
 
 
 # What a resumed run may change: every other setting changes the numbers already computed and must stay.
@@ -1015,7 +1053,10 @@ def number(kind, low=None, above=None, high=None):
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
     parser = Parser(description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
-                    "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False)
+                    "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+                    epilog="environment: HF_HUB_OFFLINE=1 never downloads (as --no-download); HF_HOME is where the "
+                    "weights are cached; HF_ENDPOINT names a hub mirror; OMP_NUM_THREADS=1 speeds up CPU runs on "
+                    "shared machines; CUDA_VISIBLE_DEVICES picks the GPUs that --device sees.")
     parser.add_argument("--version", action="version", version=f"mgclip {__version__}")
     groups = {name: parser.add_argument_group(name) for name in (METHOD, ABLATIONS, DATA, RUN)}
     for f in dataclasses.fields(Settings):
@@ -1028,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.default is False:
             group.add_argument(flag, action="store_true", help=text)
         elif typing.get_origin(kind) is list:
-            group.add_argument(flag, nargs="+", metavar="FILE", help=text)
+            group.add_argument(flag, nargs="+", metavar=meta.get("metavar", "FILE"), help=text)
         else:
             default = "" if f.default is None else f" (default: {f.default})"
             if f.name in CIFAR100:
@@ -1043,6 +1084,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(argv=None) -> Settings:
     """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
     typed = vars(build_parser().parse_args(argv))  # only the flags on the command line
+    if "predict" in typed:  # the run's own settings rebuild its model; only where and how it runs may change
+        extra = sorted(typed.keys() - {"predict", "top_k", "device", "workers", "eval_batch_size", "download"})
+        if extra or len(typed["predict"]) < 2:
+            why = f"--{extra[0].replace('_', '-')} cannot act" if extra else "give image files or folders after RUN"
+            raise UserError(f"--predict RUN PATH...: {why}; the run's own settings rebuild its model")
+        saved = load_checkpoint(typed["predict"][0], "--predict")["settings"]
+        known = {f.name for f in dataclasses.fields(Settings)}
+        return Settings(**{**{k: v for k, v in saved.items() if k in known}, **typed, "resume": None})
     if "resume" in typed:
         out = Path(typed["resume"])
         if out.is_file() and out.name != "checkpoint.pt":
@@ -1091,6 +1140,8 @@ def check_typed(typed: dict):
         idle["max_epochs"] = "--epochs skips the epoch search"
     if dataset != "synthetic":
         idle.update(dict.fromkeys(("syn_classes", "syn_train", "syn_test", "syn_size"), f"--dataset is {dataset}"))
+    if "top_k" in typed:
+        idle["top_k"] = "only --predict prints classes"
     if typed.get("max_epochs") == 1 and "alpha" not in idle:
         idle["max_epochs"] = "a search of one epoch finds E* = 1 whatever S- does (--epochs 1 says so)"
     key = next((key for key in typed if key in idle), None)
@@ -1175,16 +1226,20 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         model = open_clip.CLIP(**TINY_CLIP, init_logit_scale=math.log(100))
         tokenize = open_clip.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
     elif name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower() == name.lower().replace("/", "-")]
-        hint = f"did you mean --model {close[0]}? Or " if close else ""
+        lower = {m.lower(): m for m in open_clip.list_models()}
+        close = [lower[m] for m in difflib.get_close_matches(name.lower().replace("/", "-"), lower, n=3)]
+        hint = f"did you mean --model {' or '.join(close)}? Or " if close else ""
         raise UserError(f"unknown --model '{name}'; {hint}pick one of open_clip.list_models() or 'tiny'")
     else:
         try:  # before the weights: SigLIP's tokenizer comes from Hugging Face, and may be missing
             tokenize = open_clip.get_tokenizer(name)
         except Exception as e:
             hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
-            raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({type(e).__name__}: {e}); "
-                            f"pip install transformers, and cache it once where the hub is reachable") from None
+            reason = textwrap.shorten(f"{type(e).__name__}: {e}", 200, placeholder=" ...")  # one line, not its last
+            fix = "cache it once where the hub is reachable"
+            if isinstance(e, ImportError):
+                fix = "pip install transformers"
+            raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({reason}); {fix}") from None
         model = open_clip_model(name, pretrained)
     # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
     preprocess = {"size": model.visual.image_size, **open_clip.get_model_preprocess_cfg(model)}
@@ -1307,7 +1362,7 @@ def settle_offline(cfg: Settings):
             return  # an HTTP answer, even an error page: the hub is there
         except (OSError, ValueError):  # refused, unknown, silent for 3 s, or a malformed HF_ENDPOINT
             pass
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"  # read when they are imported
     if "huggingface_hub.constants" in sys.modules:  # imported already (open_clip names ImageNet's classes)
         sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
 
@@ -1343,8 +1398,8 @@ def set_up(cfg: Settings) -> Run:
     splits = [data.train, data.test] + ([zeroshot.test] if zeroshot else [])
     progress = cfg.progress or sys.stderr.isatty()
     check_images([file for split in splits if split.files for file in split.files], cfg.workers, progress)
-    if cfg.model != "tiny" and cfg.pretrained != "none" and not os.path.isfile(cfg.pretrained):
-        settle_offline(cfg)  # after the data: it only decides how the weights load
+    if cfg.model != "tiny":
+        settle_offline(cfg)  # after the data: it only decides how the weights and a hub tokenizer load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
     if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
         log.info(f"warning: no usable GPU found: {cfg.model} runs on the CPU, days for a benchmark (README, Set up)")
@@ -1361,12 +1416,14 @@ def set_up(cfg: Settings) -> Run:
     test = Feed(data.test, clip, clock, cfg.workers, progress)
     tasks = []
     for t, classes in enumerate(ranges):
+        log.info(f"task {t + 1} learns {', '.join(data.classnames[classes.start: classes.stop])}")
         tasks.append(Task(classes, Batches(train, classes, cfg.batch_size, "train", seed=cfg.seed + t + 1),
                           Batches(train, classes, cfg.eval_batch_size, "features"),
                           Batches(test, range(0, classes.stop), cfg.eval_batch_size, "eval")))
     log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes ({len(data.train)} training "
              f"images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
+    log.info(f"prompts as '{cfg.prompt.format(data.classnames[0])}'")
     return Run(data, clip, lora, tokens, tasks, zeroshot, clock, set_precision(device, cfg.precision), progress)
 
 
@@ -1375,6 +1432,10 @@ def run(cfg: Settings) -> dict:
     after each, then the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
+    finished = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if cfg.resume and finished and (finished.get("zeroshot") or {}).get("dataset") == cfg.zeroshot_eval:  # all done
+        print(f"the run in {out} has finished: {summary_line(finished)}")
+        return finished
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "w")
@@ -1412,17 +1473,25 @@ def run(cfg: Settings) -> dict:
             task = len(state["rows"]) + 1 if state else 1
             raise UserError(f"{e} of task {task}; lower --lr (now {cfg.lr:g}); the checkpoint of the tasks before is "
                             f"intact") from None
+        except ValueError as e:  # the method's contracts (a checkpoint taken on other weights): one line too
+            raise UserError(f"{e}") from None
         summary = summarize(r, cfg, state, settings["run"], time.perf_counter() - started)
         write_json(out / "summary.json", summary)
-        forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
-        epochs = f"E* {state['epochs']}" if summary["epochs_searched"] else f"epochs per task {state['epochs']}"
-        log.info(f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs}  "
-                 f"{summary['seconds_total']:.1f}s  -> {out}")
-        if r.zeroshot:
-            z = summary["zeroshot"]
-            kept = 100 * (z["retained"] or 0)
-            log.info(f"zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} ({kept:.1f}% retained)")
+        log.info(f"{summary_line(summary)}  -> {out}")
         return summary
+
+
+def summary_line(summary: dict) -> str:
+    """Avg, Last, forgetting, E*, the time and zero-shot retention of a finished run, as its log ends."""
+    forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
+    epochs = "E*" if summary["epochs_searched"] else "epochs per task"
+    line = (f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs} "
+            f"{summary['epochs_star']}  {summary['seconds_total']:.1f}s")
+    z = summary.get("zeroshot")
+    if z:
+        kept = 100 * (z["retained"] or 0)
+        line += f"  zero-shot {z['dataset']}: {z['before']:.2f} -> {z['after']:.2f} ({kept:.1f}% kept)"
+    return line
 
 
 def run_record(device: str) -> dict:
@@ -1465,6 +1534,55 @@ def resume_state(r: Run, out: Path) -> dict:
     replace_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text(rows))
     log.info(f"continuing the run in {out} after task {len(state['rows'])} (from its checkpoint.pt)")
     return state
+
+
+def predict_images(cfg: Settings):
+    """--predict RUN PATH...: the run's CLIP with the LoRA and the classifier of its last finished task; prints a line
+    per image: its path, then its top-k classes, each with its fused probability, tab-separated, highest first."""
+    state = load_checkpoint(cfg.predict[0], "--predict")
+    names = state.get("data", {}).get("classnames")  # checkpoints before 2026-11 lack them
+    if not names:
+        raise UserError(f"--predict {cfg.predict[0]}: its checkpoint.pt names no classes (a run before 2026-11)")
+    files = image_files(cfg.predict[1:])
+    check_images(files, cfg.workers, cfg.progress)
+    device = pick_device(cfg.device)
+    if cfg.model != "tiny":
+        settle_offline(cfg)
+    clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
+    lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+    tokens = clip.tokenize([cfg.prompt.format(name) for name in names])
+    try:
+        seen, classifier = load_state(clip.model, lora, tokens, state)
+    except ValueError as e:
+        raise UserError(f"--predict {cfg.predict[0]}: {e}") from None
+    amp = set_precision(device, cfg.precision)
+    text_feats = text_features(clip.model, tokens[:seen], amp)
+    split = Split(torch.zeros(len(files), dtype=torch.long), files=files, transform=clip.transform)
+    batches = Batches(Feed(split, clip, {}, cfg.workers, cfg.progress), range(1), cfg.eval_batch_size, "predict")
+    done = 0
+    try:
+        for x, _ in batches:
+            fused = probabilities(clip.model, x, text_feats, classifier, (cfg.text_weight, cfg.visual_weight), amp)[0]
+            top = fused.topk(min(cfg.top_k, seen))
+            for path, values, indices in zip(files[done:], top.values.tolist(), top.indices.tolist()):
+                print("\t".join([path] + [f"{names[c]}\t{p:.4f}" for c, p in zip(indices, values)]))
+            done += len(x)
+    except BrokenPipeError:  # mgclip.py --predict ... | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """The image files of the paths: files as given, folders read as training reads them (sorted, subfolders)."""
+    files = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"--predict: {path} does not exist; give image files or folders of them")
+        found = [path] if os.path.isfile(path) else [os.path.join(top, name) for top, _, names in
+                                                     os.walk(path, followlinks=True) for name in names]
+        files += sorted(f for f in found if f == path or is_image(f))
+    if not files:
+        raise UserError(f"--predict: no image in {', '.join(paths)} (read: the files PIL opens)")
+    return files
 
 
 def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
@@ -1522,14 +1640,14 @@ def write_json(path: Path, obj, mode="w"):
     replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def load_checkpoint(out: str) -> dict:
+def load_checkpoint(out: str, flag: str = "--resume") -> dict:
     """The state saved after the last finished task of the run in OUT."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file() and (Path(out) / "settings.json").is_file():
-        raise UserError(f"--resume {out}: no task of that run has finished yet, so there is nothing to resume; run "
+        raise UserError(f"{flag} {out}: no task of that run has finished yet, so there is nothing to {flag[2:]}; run "
                         f"its command again (it starts afresh)")
     if not path.is_file():
-        raise UserError(f"--resume {out}: no checkpoint.pt there; give the --out folder of an earlier run")
+        raise UserError(f"{flag} {out}: no checkpoint.pt there; give the --out folder of an earlier run")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1569,7 +1687,7 @@ def terminate(signum, frame):
 
 def stop(cfg: Settings | None, message: str, code: int = 1):
     """Exit with one line on stderr, also appended to the run's log.txt when the run has one."""
-    if cfg is not None and (Path(cfg.out) / "log.txt").is_file():
+    if cfg is not None and not cfg.predict and (Path(cfg.out) / "log.txt").is_file():
         with open(Path(cfg.out) / "log.txt", "a") as fh:
             fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
     with suppress(OSError):  # the terminal is gone (SIGHUP): log.txt has the line
@@ -1583,7 +1701,10 @@ def main(argv=None):
     previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)}
     try:
         cfg = parse_settings(argv)
-        run(cfg)
+        if cfg.predict:
+            predict_images(cfg)
+        else:
+            run(cfg)
     except UserError as e:  # raised in a loader worker, it arrives wrapped in that worker's traceback
         stop(cfg, f"mgclip: error: {str(e).strip().splitlines()[-1].split('UserError: ', 1)[-1]}")
     except OSError as e:  # an I/O failure no check foresaw (a disk filling up): one line all the same

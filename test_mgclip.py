@@ -479,6 +479,7 @@ def test_bad_folder_input_gives_one_line(tmp_path, breakage, expect):
             f.unlink()
     elif breakage == "classes differ":
         os.rename(root / "val" / "c3", root / "val" / "c9")
+        expect = f"{root / 'val'} lacks c3; {root / 'train'} lacks c9"  # which split lacks which classes
     elif breakage == "more tasks":
         argv[7] = "5"
     elif breakage == "big increment":
@@ -1336,8 +1337,13 @@ def test_broken_data_files_are_one_line_each(tmp_path):
     (["--dataset", "cifar100", "--syn-classes", "10"], "--syn-classes cannot act: --dataset is cifar100"),
     (["--zeroshot-root", "x"], "--zeroshot-root cannot act"),
     (["--zeroshot-eval", "food101"], "needs --zeroshot-root"),
-    (["--syn-classes", "100", "--tasks", "10", "--initial-increment", "50"], "use --tasks 2 or 3 or 6 or 11 or 26"),
+    (["--syn-classes", "100", "--tasks", "10", "--initial-increment", "50"],
+     "use --tasks 2 or 3 or 6 or 11 or 26, or --tasks 10 with --initial-increment 46"),
+    (["--tasks", "3"], "use --tasks 1 or 2 or 4 or 5 or 10, or --tasks 3 with --initial-increment 6"),  # 6, 7, 7
     (["--model", "vit-b-16", "--pretrained", "none"], "did you mean --model ViT-B-16"),
+    (["--model", "EVA02-B16", "--pretrained", "none"], "did you mean --model EVA02-B-16"),
+    (["--model", "ViT-B-16-SigLIP-2", "--pretrained", "none"], "did you mean --model ViT-B-16-SigLIP2"),
+    (["--top-k", "3"], "--top-k cannot act: only --predict prints classes"),
     (["--initial-increment", "30"], "--initial-increment 30 is more than the 20 classes"),
     (["--epoch", "1"], "unrecognized arguments: --epoch"),
     (["--resume", "settings.txt"], "give a run's --out folder, or the checkpoint.pt in it"),
@@ -1690,7 +1696,7 @@ def test_every_image_is_checked_before_task_1_by_imagefolders_rules(tmp_path):
     (root / "val" / "c3" / "page.jpg").unlink()
     data = M.load_benchmark(M.parse_settings(argv))
     assert len(data.train) == 8 + 2 + 2 and not any("._" in f for f in data.train.files)
-    assert "skipped 1 macOS ._* files" in (tmp_path / "o" / "log.txt").read_text()  # from the refused run
+    assert f"skipped what PIL does not open under {root / 'train'}: 1 ._*" in (tmp_path / "o" / "log.txt").read_text()
     huge = tmp_path / "huge.png"  # 200 megapixels: over PIL's decompression-bomb limit, yet a valid image
     PIL.Image.new("1", (20000, 10000)).save(huge)
     M.check_images([str(huge)], 0, False)
@@ -2083,3 +2089,156 @@ def test_gpu_script_counts_a_run_killed_after_the_grace_as_stopped_with_its_chec
     assert "| status | ok | ok | timed out (1/5 tasks) |  |  |" in timing
     search = (out / "table.md").read_text().split("**mgclip.py")[2].splitlines()
     assert "| status | ok | failed (exit 137) | ok |  |  |" in search
+
+
+# ---------------------------------------------------------------- use what a run trained (issue 30)
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A finished run on image files in class folders (names with underscores), and its folder."""
+    tmp = tmp_path_factory.mktemp("folder_run")
+    root = write_folder_dataset(tmp / "d", ["red_fox", "c1", "c2", "c3", "c4", "c5"], train=6, test=3)
+    M.main(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "3", "--epochs", "2",
+            "--workers", "0", "--out", str(tmp / "run")])
+    return root, tmp / "run", json.loads((tmp / "run" / "summary.json").read_text())
+
+
+def predictions(argv, capsys) -> list[list[str]]:
+    capsys.readouterr()
+    M.main(["--predict", *argv])
+    return [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+
+
+def test_predict_on_the_runs_own_test_folder_gets_its_last_accuracy(folder_run, capsys):
+    root, run, summary = folder_run
+    lines = predictions([str(run), str(root / "val"), "--top-k", "3", "--workers", "0"], capsys)
+    assert len(lines) == 6 * 3 and all(len(line) == 1 + 2 * 3 for line in lines)
+    assert [line[0] for line in lines] == sorted(str(p) for p in (root / "val").rglob("*.png"))
+    for line in lines:
+        p = [float(v) for v in line[2::2]]
+        assert p == sorted(p, reverse=True) and 0 < p[-1] <= p[0] <= 1
+        assert set(line[1::2]) <= set(summary["classnames"])
+    right = sum(line[1] == Path(line[0]).parent.name.replace("_", " ") for line in lines)
+    assert 100 * right / len(lines) == pytest.approx(summary["last"])  # the run's Last, from its own test folder
+    one = predictions([str(run), str(root / "val" / "c1" / "img0.png"), "--top-k", "99", "--workers", "0"], capsys)
+    assert len(one) == 1 and len(one[0]) == 1 + 2 * 6  # at most every seen class
+
+
+def test_predict_failures_are_one_line(folder_run, tmp_path):
+    root, run, _ = folder_run
+    assert "no task of that run has finished yet" in fail(["--predict", str(write_settings_only(tmp_path)), "x.png"])
+    assert f"--predict: {tmp_path / 'nope'} does not exist" in fail(["--predict", str(run), str(tmp_path / "nope")])
+    (tmp_path / "broken.jpg").write_text("not an image")
+    assert "broken.jpg (UnidentifiedImageError)" in fail(["--predict", str(run), str(tmp_path / "broken.jpg"),
+                                                          "--workers", "0"])
+    assert "--lr cannot act" in fail(["--predict", str(run), str(root / "val"), "--lr", "0.1"])
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    state = torch.load(other / "checkpoint.pt", weights_only=True)
+    state["settings"].update(model="ViT-B-16", pretrained=str(tmp_path / "gone.bin"))
+    torch.save(state, other / "checkpoint.pt")
+    assert "--pretrained" in fail(["--predict", str(other), str(root / "val")])  # a model that cannot load
+    state["settings"].update(model="tiny", pretrained="none", lora_alpha=2.0)
+    torch.save(state, other / "checkpoint.pt")
+    assert "lora_alpha 1.0 (here: 2.0)" in fail(["--predict", str(other), str(root / "val")])
+
+
+def test_the_blocks_probabilities_classify_a_batch_as_evaluate_does():
+    """README's few lines: a yielded state into a model built afresh, load_state, text_features, probabilities."""
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    lora = M.add_lora(clip.model)
+    hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    state = list(M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, report=lambda line: None))[-1]
+    fresh = M.load_clip("tiny", "none", torch.device("cpu"), seed=0).model
+    seen, classifier = M.load_state(fresh, M.add_lora(fresh), tokens, state)
+    text = M.text_features(fresh, tokens[:seen])
+    right, images = 0, 0
+    for x, y in tasks[1].test:
+        fused, p_text, p_visual = M.probabilities(fresh, x, text, classifier)
+        assert fused.shape == p_text.shape == p_visual.shape == (len(x), 10)
+        assert torch.allclose(fused.sum(-1), torch.ones(len(x))) and torch.allclose(p_text.sum(-1), torch.ones(len(x)))
+        right += (fused.argmax(-1) == y).sum().item()
+        images += len(y)
+    assert 100 * right / images == state["rows"][-1]["acc"]  # the fused argmax is the run's prediction
+    fused, p_text, p_visual = M.probabilities(fresh, x, text, None)  # no classifier: the text branch alone
+    assert p_visual is None and torch.equal(fused, p_text)
+
+
+# ---------------------------------------------------------------- every mistake, fourth layer (issue 32)
+def test_16_bit_images_keep_their_content_and_a_gif_class_trains(tmp_path, capsys):
+    deep = np.full((40, 30), 30000, dtype=np.uint16)
+    PIL.Image.fromarray(deep).save(tmp_path / "deep.png")  # mode I;16
+    assert PIL.Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert M.read_image(str(tmp_path / "deep.png"), None).unique().tolist() == [round(30000 * 255 / 65535)]  # not 255
+    root = write_folder_dataset(tmp_path / "d", ["c0", "c1", "c2", "c3"], train=3, test=1)
+    for split in ("train", "val"):
+        for f in sorted((root / split / "c3").iterdir()):
+            PIL.Image.open(f).convert("P").save(f.with_suffix(".gif"))  # a palette GIF class
+            f.unlink()
+        (root / split / "c3" / "notes.txt").write_text("not an image")
+    s = M.run(M.parse_settings(["--dataset", "folder", "--model", "tiny", "--data-root", str(root), "--tasks", "2",
+                                "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "o")]))
+    assert s["train_images"] == 12 and s["test_images"] == 4 and len(s["acc"]) == 2  # the GIFs train and test
+    log = (tmp_path / "o" / "log.txt").read_text()
+    assert f"skipped what PIL does not open under {root / 'train'}: 1 .txt" in log
+
+
+def test_the_log_names_each_tasks_classes_and_a_prompt(synthetic_run):
+    out, s = synthetic_run
+    log = (out / "log.txt").read_text()
+    for t in range(4):
+        assert f"task {t + 1} learns {', '.join(s['classnames'][5 * t: 5 * t + 5])}" in log
+    assert f"prompts as 'a good photo of a {s['classnames'][0]}.'" in log
+
+
+def test_resuming_a_finished_run_prints_its_summary_and_writes_nothing(synthetic_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(synthetic_run[0], out)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    capsys.readouterr()
+    M.main(["--resume", str(out)])
+    assert f"the run in {out} has finished: Avg 46.48  Last 32.81" in capsys.readouterr().out
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_a_hub_tokenizer_goes_offline_first_and_fails_in_one_line(tmp_path, monkeypatch):
+    """--no-download without HF_HUB_OFFLINE: the tokenizer is asked for offline (no retries), and its failure, several
+    lines long in transformers, is one line that names the model, the tokenizer and the cause."""
+    import open_clip
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def tokenizer(name, **kwargs):
+        asked.append((os.environ.get("HF_HUB_OFFLINE"), huggingface_hub.constants.HF_HUB_OFFLINE))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet "
+                      "connection or see how to run the library in offline mode.")
+    monkeypatch.setattr(open_clip, "get_tokenizer", tokenizer)
+    message = fail(["--dataset", "synthetic", "--model", "ViT-B-16-SigLIP", "--pretrained", "none", "--no-download",
+                    "--out", str(tmp_path / "o")])
+    assert asked == [("1", True)]
+    assert "--model ViT-B-16-SigLIP needs the tokenizer timm/ViT-B-16-SigLIP" in message
+    assert "We couldn't connect" in message and "Check your internet" in message
+    assert "pip install transformers" not in message
+
+
+def test_a_torchvision_built_for_another_torch_is_one_line(tmp_path):
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    r = subprocess.run([sys.executable, str(HERE / "mgclip.py"), "--version"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert f"does not fit torch {torch.__version__}" in lines[0] and "torchvision::nms" in lines[0]
+    assert f"pip install torch=={torch.__version__} torchvision==0." in lines[0]
+
+
+def test_help_answers_which_alpha_and_names_the_environment(capsys):
+    with pytest.raises(SystemExit):
+        M.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "not LoRA's --lora-alpha" in text and "not gap preservation's --alpha" in text
+    assert "on a CPU plain fp32" in text and "0: in the main process" in text and "--predict RUN [PATH ...]" in text
+    assert "HF_HUB_OFFLINE=1" in text and "OMP_NUM_THREADS=1" in text

@@ -12,7 +12,7 @@ Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task
         image features v of task t's training images; S+ / S- after                       image_features, modality_gap
         gap compensation: cosine-classifier rows for task t's classes start at their class train_visual_classifier
             means of v and train on v; the rows of earlier tasks stay as they are
-        predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  predict, evaluate
+        predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  evaluate
     Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting        continual_metrics
 
     python mgclip.py --dataset cifar100 --tasks 10     # the paper's CIFAR-100 B0 Inc10: Avg 87.00 / Last 80.57
@@ -446,8 +446,8 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
 # Using a trained state: the probabilities of new images.
 @torch.no_grad()
 def probabilities(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """For one batch of images: the fused probabilities (B, C) over the C seen classes (argmax: predict's), the text
-    branch's softmax(s cos(v, t_c)) and the visual classifier's softmax(cos(v, w_c)) (None without one)."""
+    """For one batch of images: the fused probabilities (B, C) over the C seen classes (argmax: the prediction), the
+    text branch's softmax(s cos(v, t_c)) and the visual classifier's softmax(cos(v, w_c)) (None without one)."""
     text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
     if classifier is None:  # without compensation, the text branch alone predicts
         return text_logits.softmax(-1), text_logits.softmax(-1), None

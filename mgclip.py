@@ -20,8 +20,6 @@ Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task
 
 Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the CPU in fp32: LoRA gradients, S+ / S-,
 the search's E*, the classifier's weights and every prediction agree to ~1e-5; the tests pin the synthetic numbers.
-Reading order: the method (one marked block that uses nothing else from this file: copy it with the imports), the
-data, the settings and command line, running it (loaders, checkpoints, logs, main), the class lists.
 """
 __version__ = "2026.12"
 
@@ -44,7 +42,6 @@ import sys
 import textwrap
 import time
 import typing
-import urllib.error
 import urllib.request
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -70,12 +67,9 @@ from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
-# The contracts: labels are class-order positions (task t holds classes = range(first, last + 1); tokens[c], the
-# tokenizer's tensor, is the prompt of the class at position c); batches are re-iterables (a list, a DataLoader) of
-# (normalised float images as the model takes them, int64 labels) on the model's device; the model comes from
-# add_lora, its train / eval mode is set here. check_contract checks them once, before any work (learn_tasks calls it;
-# a caller of one function can too), and checked() each batch as it passes. finetune and learn_tasks are generators:
-# they act as they are iterated. The block runs with these imports above it:
+# The contracts (README, Copying the method block), enforced by check_contract and checked(): labels are class-order
+# positions, tokens[c] is the prompt of the class at position c; batches are re-iterables of (normalised float images,
+# int64 labels) on the model's device; the model comes from add_lora, the block sets its mode. Imports to paste above:
 # import math
 # import typing
 # from contextlib import contextmanager, nullcontext
@@ -87,10 +81,8 @@ from tqdm.auto import tqdm
 LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
 
 
-# LoRA: a low-rank update of the key and value projections, the only weights that train.
 class LoRAKeyValue(nn.Module):
-    """Adds (lora_alpha / r) * B_i @ A_i to the last n row blocks of a projection weight: the key and value rows of a
-    packed [W_q; W_k; W_v] (n = 2), or a whole key or value projection (n = 1)."""
+    """W + (lora_alpha / r) B_i A_i on the last n row blocks: W_k, W_v of a packed [W_q; W_k; W_v] (n = 2), or one."""
 
     def __init__(self, weight: torch.Tensor, n: int, rank: int, lora_alpha: float):
         super().__init__()
@@ -101,15 +93,13 @@ class LoRAKeyValue(nn.Module):
         self.scale = lora_alpha / rank
 
     def forward(self, weight):
-        """W -> W with s B_i A_i added to its last n row blocks."""
         delta = (self.B @ self.A).flatten(0, 1) * self.scale
         return torch.cat([weight[:-len(delta)], weight[-len(delta):] + delta.to(weight.dtype)])
 
 
 def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
-    """(module, weight name, n) of the keys and values of every self-attention block under `module`, in open_clip's
-    three layouts. Attention pooling heads (SigLIP's MAP head, RN50's AttentionPool2d) are not blocks."""
-    if "Pool" in type(module).__name__:
+    """(module, weight name, n) of W_k and W_v of each self-attention block under `module`, in open_clip's 3 layouts."""
+    if "Pool" in type(module).__name__:  # pooling heads (SigLIP's MAP head, RN50's AttentionPool2d) are not blocks
         return []
     if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         return [(module, "in_proj_weight", 2)]  # packed [W_q; W_k; W_v]: OpenAI-style ViTs, every text tower
@@ -121,8 +111,7 @@ def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
 
 
 def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[nn.Parameter]:
-    """Freeze an open_clip CLIP and put LoRA on W_k and W_v of every self-attention block of both towers (the ones
-    encode_image and encode_text run); returns LoRA's weights. Refuses a second LoRA and a tower without such blocks."""
+    """Freeze an open_clip CLIP, put LoRA on W_k, W_v of each attention block of both towers; return LoRA's weights."""
     if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
         raise ValueError("this model already has LoRA: call add_lora once per model")
     towers = dict(image=model.visual, text=model.text if hasattr(model, "text") else model.transformer)
@@ -141,8 +130,7 @@ def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[n
 def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
     """Load LoRA weights in place (the initial ones, B = 0, give back the pre-trained CLIP)."""
     if len(values) != len(lora) or any(p.shape != w.shape for p, w in zip(lora, values)):
-        raise ValueError(f"set_lora takes one value per LoRA weight, of its shape (the same add_lora rank): "
-                         f"{[tuple(p.shape) for p in lora[:2]]}...; got {[tuple(w.shape) for w in values[:2]]}...")
+        raise ValueError("set_lora takes one value per LoRA weight, of its shape (from the same add_lora rank)")
     with torch.no_grad():
         for p, w in zip(lora, values):
             p.copy_(w)
@@ -162,20 +150,15 @@ def pretrained_clip(model: nn.Module):
 
 @contextmanager
 def forward_context(device: torch.device, amp: torch.dtype | None):
-    """Where CLIP's towers run: LoRA merged into W once per forward, autocast to `amp`, or fp32 (amp None) even within
-    a caller's autocast, which would otherwise cache LoRA's weights in low precision and train nothing."""
-    if amp is not None:
-        autocast = torch.autocast(device.type, dtype=amp)
-    elif device.type in ("cpu", "cuda"):
-        autocast = torch.autocast(device.type, enabled=False)
-    else:  # torch 2.1-2.4 refuse autocast("mps") even disabled; mps autocast came later
-        autocast = nullcontext()
+    """Where the towers run: LoRA merged once per forward; autocast to amp, or fp32 (None) even in an outer autocast."""
+    autocast = nullcontext()  # fp32 off cpu / cuda: torch 2.1-2.4 refuse autocast("mps") even disabled
+    if amp is not None or device.type in ("cpu", "cuda"):
+        autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     with autocast, parametrize.cached():
         yield
     torch.clear_autocast_cache()  # within a caller's autocast the cache outlives this forward: LoRA changes each step
 
 
-# Features and the modality gap.
 @torch.no_grad()
 def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
@@ -199,9 +182,8 @@ def image_features(model: nn.Module, batches, classes: range, amp: torch.dtype |
 
 
 def modality_gap(image_feats, text_feats, labels, scale: float) -> dict:
-    """The modality gap of some images and prompts: S+ (matching pairs) and S- (non-matching pairs), both s * cos with
-    s = model.logit_scale.exp().item() (100 for CLIP; the parameter is log s), and the centroid gap
-    ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
+    """The modality gap: S+ / S- = mean s cos(v, t) of matching / non-matching pairs (s = logit_scale.exp().item(), 100
+    for CLIP; the parameter is log s) and the centroid gap ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
     v = F.normalize(image_feats.float(), dim=-1)
     t = F.normalize(text_feats.float(), dim=-1)
     pos = scale * (v * t[labels]).sum(-1)
@@ -216,10 +198,8 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> dict:
     return modality_gap(feats, text_features(model, seen_tokens, amp), labels, model.logit_scale.exp().item())
 
 
-# Fine-tuning LoRA, and gap preservation: how many epochs.
 def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
-    """LoRA fine-tuning on one task, an epoch per step of this generator: Adam (fresh every task), cosine per epoch
-    over `epochs` towards 0.01 lr; yields (epoch, mean loss, the lr the epoch ran at)."""
+    """LoRA fine-tuning, an epoch per step: Adam, cosine over `epochs` to 0.01 lr; yields (epoch, mean loss, its lr)."""
     device = model.logit_scale.device
     scale = model.logit_scale.exp().detach()
     task_tokens = tokens[classes.start: classes.stop].to(device)
@@ -236,8 +216,7 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
             with forward_context(device, amp):
                 v = model.encode_image(x)
                 t = model.encode_text(task_tokens)
-            # the cross-entropy over the task's own classes only: earlier classes' prompts are not pushed away. A
-            # logit bias (SigLIP's) is one constant for every class: the softmax, its cross-entropy and argmax ignore it
+            # over the task's own classes only: earlier prompts are not pushed away; SigLIP's logit bias changes nothing
             logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
             loss = F.cross_entropy(logits, y - classes.start)
             opt.zero_grad(set_to_none=True)
@@ -248,23 +227,21 @@ def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: in
         schedule.step()
 
 
-# S- and not S+: S+ rises with any successful fine-tuning, while S- tracks how far the pre-trained image-text
-# geometry (the zero-shot knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the
-# dataset and the lr, found once; a search per task would cost a probe and a retrain every task, and from task 2 on
-# S- would drift through the earlier tasks' training too.
+# S- and not S+: S+ rises with any successful fine-tuning; S- tracks how far the pre-trained geometry (the zero-shot
+# knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the dataset and the lr; a search
+# per task would cost a probe and a retrain each task, and S- would drift through the earlier tasks' training too.
 def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None, report=print):
     """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
     returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
     start, trace = [p.detach().clone() for p in lora], []
-    for epoch, loss, epoch_lr in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
+    for epoch, loss, lr_now in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         if epoch == 1:
             after_one = [p.detach().clone() for p in lora]
         gap = measure_gap(model, train_eval, tokens[: classes.stop], amp)
         drift = abs(gap["s_minus"] - s_minus_0) / abs(s_minus_0)
-        trace.append(dict(epoch=epoch, loss=loss, lr=epoch_lr, s_plus=gap["s_plus"], s_minus=gap["s_minus"],
-                          drift=drift))
-        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {epoch_lr:.2e}  S- {gap['s_minus']:.3f}  "
+        trace.append(dict(epoch=epoch, loss=loss, lr=lr_now, s_plus=gap["s_plus"], s_minus=gap["s_minus"], drift=drift))
+        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {lr_now:.2e}  S- {gap['s_minus']:.3f}  "
                f"relative drift {drift:.3f} (alpha {alpha})")
         if drift > alpha:  # epoch e went past the drift allowed: E* = e - 1 epochs, at least one
             e_star = max(epoch - 1, 1)
@@ -276,14 +253,11 @@ def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range
     return max_epochs, True, trace  # the probe is the real training
 
 
-# Gap compensation: a cosine classifier on the image features, fused with the text classifier.
 def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
                             seed: int) -> torch.Tensor:
-    """Grow the classifier W (None at first, else one row per class before `classes`) by the task's rows and train
-    them on cos(v, w_c) with cross-entropy over the task's classes (Adam, cosine per step to 0.01 lr, no temperature,
-    as the authors). The prompts sit across the modality gap from the images; the class means of v are prototypes on
-    the image side, so new rows start there. Old rows stay: no image of an old class is left to train them on.
-    Returns unnormalised rows."""
+    """Gap compensation: grow W (None at first) by rows w_c for `classes`, started at their class means of v (prototypes
+    on the image side of the gap), trained on the cross-entropy of cos(v, w_c) over the task's classes (Adam, cosine per
+    step to 0.01 lr, no temperature, as the authors). Old rows stay: no old image is left. Returns unnormalised rows."""
     y = labels - classes.start
     sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
     new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
@@ -304,18 +278,14 @@ def train_visual_classifier(classifier, feats, labels, classes: range, lr: float
 
 def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
     """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    # the authors' double softmax, kept because the paper's numbers come from it. Both branches are flat (the text's top
-    # class at most e times any other; the visual's cosines lie in [-1, 1]): either can decide (README, Reading the gap)
+    # the authors' double softmax, kept for the paper's numbers; both branches are flat: either can decide (README)
     p_text = text_logits.float().softmax(-1).softmax(-1)
-    p_vis = visual_logits.float().softmax(-1)
-    return (fusion[0] * p_text + fusion[1] * p_vis) / (fusion[0] + fusion[1])
+    return (fusion[0] * p_text + fusion[1] * visual_logits.float().softmax(-1)) / (fusion[0] + fusion[1])
 
 
-# Evaluation on all seen classes, and the continual-learning metrics.
 @torch.no_grad()
 def branch_logits(model, x, text_feats, classifier, amp=None):
-    """The text branch's s cos(v, t_c) and the visual classifier's cos(v, w_c) of one batch over the seen classes
-    (text_feats from text_features; the classifier's rows, normalised here; None: the text features serve)."""
+    """One batch's s cos(v, t_c) (text branch) and cos(v, w_c) (rows normalised here; classifier None: w = t)."""
     model.eval()
     with forward_context(x.device, amp):
         v = F.normalize(model.encode_image(x).float(), dim=-1)
@@ -357,7 +327,6 @@ def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
     return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
 
 
-# The algorithm: one task as the paper's box, and the loop over the tasks that carries E* and the classifier.
 @dataclass
 class Hyper:
     """MG-CLIP's hyperparameters (the authors' CIFAR-100 values)."""
@@ -377,8 +346,7 @@ class Hyper:
 
 @dataclass
 class Task:
-    """One task: its classes, its training images twice (train: an epoch a pass, reshuffled by set_epoch(e) if it has
-    one; train_eval: passes without gradient, any order) and the test images of every class seen so far."""
+    """One task: its classes, its training images (train: the epochs; train_eval: no gradient), all seen test images."""
     classes: range
     train: typing.Iterable
     train_eval: typing.Iterable
@@ -386,8 +354,7 @@ class Task:
 
 
 def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifier, hp: Hyper, amp=None, report=print):
-    """Task t (from 0) of MG-CLIP, as the paper's algorithm box. epochs: E*, or None to find it (task 1). Returns the
-    task's metrics, the classifier grown by the task's classes and E*."""
+    """Task t (from 0), the paper's algorithm box (epochs None: search E*); returns its metrics, the grown W and E*."""
     classes, train, train_eval = tasks[t].classes, tasks[t].train, tasks[t].train_eval
     seen_tokens = tokens[: classes.stop]
     report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
@@ -422,9 +389,8 @@ def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifie
 
 
 def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
-    """MG-CLIP over all tasks, on a model fresh from add_lora. Yields the state after each task (metrics rows, E*, the
-    visual classifier, LoRA, the random state, what it was taken on; on the CPU); a yielded state given back as
-    `state` continues after its last task, bit for bit. A task that fails leaves the model as the last state."""
+    """MG-CLIP over all tasks, on a model fresh from add_lora; yields the state after each task (rows, E*, classifier,
+    LoRA, RNG, taken_on; on the CPU), which as `state` continues bit for bit. A failed task leaves the last state."""
     check_contract(model, lora, tokens, tasks, hp, amp, state)
     if state is None:  # E* is None until the search on task 1 sets it
         epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
@@ -443,11 +409,9 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
         yield state
 
 
-# Using a trained state: the probabilities of new images.
 @torch.no_grad()
 def probabilities(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """For one batch of images: the fused probabilities (B, C) over the C seen classes (argmax: the prediction), the
-    text branch's softmax(s cos(v, t_c)) and the visual classifier's softmax(cos(v, w_c)) (None without one)."""
+    """One batch's fused probabilities (B, C) over the seen classes (argmax: the prediction), and each branch's."""
     text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
     if classifier is None:  # without compensation, the text branch alone predicts
         return text_logits.softmax(-1), text_logits.softmax(-1), None
@@ -455,8 +419,7 @@ def probabilities(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None)
 
 
 def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
-    """Load a state that learn_tasks yielded (or a run's checkpoint.pt) into a model from add_lora, after checking it
-    was taken on this model and these prompts; returns the number of seen classes and the visual classifier."""
+    """Load a state of learn_tasks (or checkpoint.pt) taken on this model and prompts; returns seen classes and W."""
     seen = state["rows"][-1]["classes"][1] if state["rows"] else 0
     saved, now = state.get("taken_on", {}), taken_on(model, tokens, seen)  # {}: before task 1, or before 2026-12
     differ = [f"{k} {saved[k]} (here: {now[k]})" for k in saved if not math.isclose(saved[k], now[k], rel_tol=1e-9)]
@@ -469,7 +432,6 @@ def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
     return seen, None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
 
 
-# The contracts, checked at the block's boundary so that the steps above read like the algorithm.
 def taken_on(model, tokens, seen: int) -> dict:
     """What a state holds LoRA for: its rank and alpha, a checksum of the frozen weights, the seen classes' prompts."""
     m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
@@ -503,8 +465,7 @@ def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, 
     if state is None and any(m.B.any() for m in modules):
         raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
     if state is not None and hp.epochs is not None and state["epochs"] not in (None, hp.epochs):
-        raise ValueError(f"the state's E* is {state['epochs']}, not hp.epochs = {hp.epochs}: drop epochs, or start "
-                         f"afresh")
+        raise ValueError(f"the state's E* is {state['epochs']}, not hp.epochs = {hp.epochs}: drop epochs or start anew")
 
 
 def checked(batches, device: torch.device, classes: range):
@@ -522,11 +483,9 @@ def checked(batches, device: torch.device, classes: range):
     if n == 0:
         raise ValueError("the batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
     if n == 1 and x.abs().amax() > 20:  # normalised pixels lie within about +-3; 0..255 would predict at chance
-        raise ValueError(f"the images reach {x.abs().amax().item():.0f}: normalise them as the model's "
-                         f"preprocessing does ((x / 255 - mean) / std)")
+        raise ValueError(f"the images reach {x.abs().amax().item():.0f}: normalise them, (x / 255 - mean) / std")
     if int(wrong):
         raise ValueError(f"{int(wrong)} labels fall outside classes {classes.start}..{classes.stop - 1}: {LABEL_RULE}")
-
 # ====================================================================================================== END METHOD
 
 
@@ -550,14 +509,10 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
         raise UserError(f"the benchmark has {num_classes} class; a class-incremental run needs at least 2 (a task too)")
     if initial_increment > num_classes:
         raise UserError(f"--initial-increment {initial_increment} is more than the {num_classes} classes")
-    if initial_increment:
-        later = tasks - 1
-        sizes = [initial_increment] + [(num_classes - initial_increment) // max(later, 1)] * later
-    else:
-        sizes = [num_classes // max(tasks, 1)] * tasks
+    first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
+    rest = num_classes - initial_increment
+    sizes = [initial_increment] * first + [rest // max(tasks - first, 1)] * (tasks - first)
     if tasks < 1 or sum(sizes) != num_classes or min(sizes) < 2:
-        rest = num_classes - initial_increment if initial_increment else num_classes
-        first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
         works = " or ".join(str(first + k) for k in range(1, rest // 2 + 1) if rest % k == 0)
         after = f" after --initial-increment {initial_increment}" if initial_increment else ""
         fits = [b for b in range(2, num_classes) if tasks > 1 and (num_classes - b) % (tasks - 1) == 0
@@ -573,17 +528,15 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
 def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
-        rule = (f"--class-order takes a file that lists each class index 0..{num_classes - 1} once (from 0), "
-                f"separated by spaces, commas or new lines")
+        rule = f"--class-order lists each class index 0..{num_classes - 1} once, split by spaces, commas or new lines"
         tokens = read_text(cfg.class_order, rule).replace(",", " ").strip("[] \n").split()
-        bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
-        order = [int(t) for t in tokens] if bad is None else []
-        problem = f"'{bad}' is not a class index" if bad is not None else None
-        problem = problem or next((f"{c} is out of range" for c in order if not 0 <= c < num_classes), None)
-        problem = problem or next((f"{c} is listed twice" for k, c in enumerate(order) if c in order[:k]), None)
-        problem = problem or next((f"{c} is missing" for c in range(num_classes) if c not in order), None)
-        if problem:
-            raise UserError(f"--class-order {cfg.class_order}: {problem}; {rule}")
+        problems = [f"'{t}' is not a class index" for t in tokens if not t.lstrip("-").isdigit()]
+        order = [] if problems else [int(t) for t in tokens]
+        problems += [f"{c} is out of range" for c in order if not 0 <= c < num_classes]
+        problems += [f"{c} is listed twice" for k, c in enumerate(order) if c in order[:k]]
+        problems += [f"{c} is missing" for c in range(num_classes) if c not in order]
+        if problems:
+            raise UserError(f"--class-order {cfg.class_order}: {problems[0]}; {rule}")
         return order
     if default is not None:
         return list(default)
@@ -627,11 +580,10 @@ def check_images(files: list[str], workers: int, progress: bool):
 
 
 def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
-    """One image file, decoded by PIL as RGB (16- and 32-bit integer images scaled to 8 bits: PIL's convert would
-    clip them to white) and prepared like open_clip does."""
+    """One image file, decoded by PIL as RGB and prepared like open_clip does."""
     try:
         with PIL.Image.open(path) as image:
-            if image.mode.startswith("I"):
+            if image.mode.startswith("I"):  # 16- / 32-bit integers, scaled to 8 bits: convert would clip them to white
                 pixels = numpy.asarray(image, dtype=numpy.float64)
                 top = 65535 if pixels.max() <= 65535 else 2**32 - 1
                 image = PIL.Image.fromarray((pixels * 255 / top).round().astype(numpy.uint8))
@@ -722,8 +674,7 @@ def load_cifar100(cfg) -> Benchmark:
         labels = torch.as_tensor(labels)
         shape_ok = getattr(pixels, "shape", ())[1:] == (3072,) and len(labels) == len(pixels) > 0
         if not shape_ok or labels.min() < 0 or labels.max() > 99:
-            raise UserError(f"{f} holds no CIFAR-100 images (3072 bytes and a label 0..99 each); delete it and "
-                            f"download again")
+            raise UserError(f"{f} holds no CIFAR-100 images (3072 bytes, a label 0..99 each); delete it, re-download")
         splits.append(Split(where[labels], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
     names = unpickle(files[2], "fine_label_names")[0]
     if len(names) != 100:
@@ -755,23 +706,20 @@ def synthetic_benchmark(cfg) -> Benchmark:
     g = torch.Generator().manual_seed(cfg.seed)
     n, size = cfg.syn_classes, cfg.syn_size
     layouts = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
+    order = class_order(cfg, n)
+    where = torch.argsort(torch.as_tensor(order))  # the position of each class id in the order
 
     def sample(per_class):
         labels = torch.arange(n).repeat_interleave(per_class)
         x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
-        return Split(labels, (x.clamp(0, 1) * 255).round().to(torch.uint8))
+        return Split(where[labels], (x.clamp(0, 1) * 255).round().to(torch.uint8))
 
     syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]
     names = set()
     while len(names) < n:
         names.add("".join(syllables[i] for i in torch.randint(len(syllables), (3,), generator=g)))
     names = sorted(names)
-    order = class_order(cfg, n)
-    train, test = sample(cfg.syn_train), sample(cfg.syn_test)
-    where = torch.argsort(torch.as_tensor(order))  # the position of each class id in the order
-    for split in (train, test):
-        split.labels = where[split.labels]
-    return Benchmark(train, test, [names[i] for i in order], order)
+    return Benchmark(sample(cfg.syn_train), sample(cfg.syn_test), [names[i] for i in order], order)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -789,8 +737,7 @@ def is_image(path: str) -> bool:
 
 
 def folder_split(folder: Path, classes: list[str]) -> Split:
-    """Every image of folder/<class>/ for the classes in class order, labelled by position, found as torchvision's
-    ImageFolder finds them (subfolders, links) with every extension PIL opens; the other files are counted."""
+    """Images of folder/<class>/, found as ImageFolder finds them (any extension PIL opens), labelled by position."""
     skipped = []
 
     def keep(path: str) -> bool:
@@ -815,9 +762,8 @@ def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Spl
         idx = torch.nonzero(whole.labels == pos).squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed * 1000 + pos))]
         test += idx[int(0.8 * len(idx)):].tolist()
-    train, test = sorted(set(range(len(whole.labels))) - set(test)), sorted(test)
-    return (Split(whole.labels[train], files=[whole.files[i] for i in train]),
-            Split(whole.labels[test], files=[whole.files[i] for i in test]))
+    train = sorted(set(range(len(whole.labels))) - set(test))
+    return tuple(Split(whole.labels[part], files=[whole.files[i] for i in part]) for part in (train, sorted(test)))
 
 
 def wordnet_ids(listing: str) -> list[str]:
@@ -833,8 +779,7 @@ def imagenet_r_names(wnids: list[str]) -> list[str]:
 
 
 def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
-    """Class folders of `source` (sorted, as torchvision's ImageFolder), class names and class order of an
-    image-folder dataset; test_dir, when given, must hold the same class folders."""
+    """The class folders of `source` (sorted), their names and the class order; test_dir, if given, holds the same."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     folders = class_folders(source)
     if not folders:
@@ -843,8 +788,7 @@ def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str],
         sides = ((test_dir, folders, class_folders(test_dir)), (source, class_folders(test_dir), folders))
         lacks = [f"{where} lacks {', '.join(sorted(set(have) - set(its))[:3])}" for where, have, its in sides
                  if set(have) - set(its)]
-        raise UserError(f"the class folders of {source} and {test_dir} differ: {'; '.join(lacks)}; both need the same "
-                        f"class folders")
+        raise UserError(f"the class folders of {source} and {test_dir} differ: {'; '.join(lacks)}; make them match")
     imagenet, imagenet_r = wordnet_ids("imagenet_synsets.txt"), wordnet_ids("imagenet_r_synsets.txt")
     if cfg.dataset == "imagenet100" and folders == imagenet:
         folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
@@ -903,8 +847,7 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
         empty = next((c for c in classes if c not in present), None)
         if twice or empty:
             problem = f"lists {twice} twice" if twice else f"lists no {part} image of class {empty}"
-            raise UserError(f"--split-file {problem}; give each image once, the train and the test list of the "
-                            f"dataset")
+            raise UserError(f"--split-file {problem}; give each image once, the train and the test list of the dataset")
         files = sorted(files, key=lambda f: (where[f.parent.name], str(f)))
         splits.append(Split(torch.tensor([where[f.parent.name] for f in files]), files=[str(f) for f in files]))
     return splits[0], splits[1]
@@ -913,8 +856,6 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
 def load_image_folders(cfg) -> Benchmark:
     """ImageNet-100, ImageNet-R, ImageNet-1K, VTAB or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
     root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise UserError(f"--data-root {root} does not exist; point it at the folder holding train/ and val/ (or test/)")
     tests = ("test", "val") if cfg.dataset in ("imagenet-r", "vtab") else ("val", "test")  # the authors' test/
     test_dir = next((root / s for s in tests if (root / s).is_dir()), None)
     raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
@@ -922,7 +863,7 @@ def load_image_folders(cfg) -> Benchmark:
         raise UserError(f"{root} holds neither train/ and test/ nor ImageNet-R's class folders (n01443537/, ...); "
                         f"point --data-root at the extracted imagenet-r folder")
     if not raw and not (root / "train").is_dir():
-        raise UserError(f"no {root / 'train'} folder; expected {root}/train/<class>/ and {root}/val/<class>/")
+        raise UserError(f"--data-root {root} has no train/; expected {root}/train/<class>/ and {root}/val/<class>/")
     if not raw and test_dir is None and not cfg.split_file:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
     compare = None if raw or cfg.split_file else test_dir  # a split list names its own images
@@ -950,7 +891,6 @@ def arg(default, group: str, help: str, **accepts):
 
 
 METHOD, ABLATIONS, DATA, RUN = "method", "ablations", "data", "run and outputs"  # the groups of --help
-PRECISIONS = ("tf32", "fp32", "bf16")
 # The authors' settings per dataset (imagenet: their imagenet1000 config; vtab, folder: their CIFAR-100 one, ours).
 CIFAR100 = dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, vis_epochs=3, seed=42,
                 model="ViT-B-16")
@@ -971,33 +911,28 @@ class Settings:
     model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
     pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
     lora_rank: int = arg(8, METHOD, "LoRA rank r", low=1)
-    lora_alpha: float = arg(1.0, METHOD, "LoRA's scale: delta W = lora_alpha / r * B @ A (not gap preservation's "
-                            "--alpha)", above=0)
+    lora_alpha: float = arg(1.0, METHOD, "delta W = lora_alpha / r * B @ A (not gap preservation's --alpha)", above=0)
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
     lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
     batch_size: int | None = arg(None, METHOD, "training batch", low=1)
-    epochs: int | None = arg(None, METHOD, "epochs per task (default: E*, from gap preservation); 0: no fine-tuning",
-                             low=0)
-    alpha: float = arg(0.1, METHOD, "gap preservation's tolerance: the search stops when |S-(e) - S-(0)| / |S-(0)| "
-                       "exceeds alpha (not LoRA's --lora-alpha)", above=0)
+    epochs: int | None = arg(None, METHOD, "epochs per task (default: gap preservation's E*); 0: no fine-tuning", low=0)
+    alpha: float = arg(0.1, METHOD, "gap search: max |S-(e) - S-(0)| / |S-(0)| (not LoRA's --lora-alpha)", above=0)
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
     vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)
     vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch", low=1)
     vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task", low=0)
     precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics; on a CPU plain fp32), fp32 (strict) or bf16 "
-                         "(autocast)", choices=PRECISIONS)
+                         "(autocast)", choices=("tf32", "fp32", "bf16"))
     text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch", low=0)
     visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier", low=0)
-    preservation: bool = arg(True, ABLATIONS, "turn gap preservation off: no epoch search; every task trains "
-                             "--max-epochs epochs (or --epochs)")
+    preservation: bool = arg(True, ABLATIONS, "no epoch search: every task trains --max-epochs (or --epochs) epochs")
     compensation: bool = arg(True, ABLATIONS, "turn gap compensation off: the text branch alone predicts")
     dataset: str = arg("cifar100", DATA, "the benchmark", choices=tuple(DATASET_DEFAULTS))
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
     tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
     class_order: str | None = arg(None, DATA, "file that lists each class index (from 0) once, in the order to learn "
-                                  "them, separated by spaces, commas or new lines (default: the published order, or "
-                                  "seeded)")
+                                  "them, split by spaces, commas or new lines (default: published order, or seeded)")
     split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's, continuum's), in --data-root")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes", low=2)
@@ -1010,14 +945,12 @@ class Settings:
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
     out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
     resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)")
-    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images of the pre-trained "
-                                    "CLIP and of the one after the last task: what the run retains",
-                                    choices=("food101", *DATASET_DEFAULTS))
+    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images before and after the "
+                                    "run: what it retains", choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
     progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
-    predict: list[str] | None = arg(None, RUN, "classify images with the last finished task of the run in RUN: one "
-                                    "line per image, its path and its --top-k classes, each with its probability",
-                                    metavar=("RUN", "PATH"))
+    predict: list[str] | None = arg(None, RUN, "classify images with the last finished task of the run in RUN: per "
+                                    "image, its path and --top-k classes with probabilities", metavar=("RUN", "PATH"))
     top_k: int = arg(5, RUN, "--predict: the classes printed per image", low=1)
 
 
@@ -1074,23 +1007,21 @@ def build_parser() -> argparse.ArgumentParser:
             default = "" if f.default is None else f" (default: {f.default})"
             if f.name in CIFAR100:
                 default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
-            choices = meta.pop("choices", None)
-            kind = number(kind, **meta) if kind in (int, float) else kind
-            group.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(),
-                               help=text + default)
+            kind = number(kind, **meta) if kind in (int, float) else kind  # argparse's metavar: NAME, or {choices}
+            group.add_argument(flag, type=kind, choices=meta.get("choices"), help=text + default)
     return parser
 
 
 def parse_settings(argv=None) -> Settings:
     """Settings from the command line and the dataset's defaults; a run already in OUT continues with its own."""
     typed = vars(build_parser().parse_args(argv))  # only the flags on the command line
+    known = {f.name for f in dataclasses.fields(Settings)}
     if "predict" in typed:  # the run's own settings rebuild its model; only where and how it runs may change
         extra = sorted(typed.keys() - {"predict", "top_k", "device", "workers", "eval_batch_size", "download"})
         if extra or len(typed["predict"]) < 2:
             why = f"--{extra[0].replace('_', '-')} cannot act" if extra else "give image files or folders after RUN"
             raise UserError(f"--predict RUN PATH...: {why}; the run's own settings rebuild its model")
         saved = load_checkpoint(typed["predict"][0], "--predict")["settings"]
-        known = {f.name for f in dataclasses.fields(Settings)}
         return Settings(**{**{k: v for k, v in saved.items() if k in known}, **typed, "resume": None})
     if "resume" in typed:
         out = Path(typed["resume"])
@@ -1102,7 +1033,17 @@ def parse_settings(argv=None) -> Settings:
         wanted, fix = typed, "drop those flags to continue that run, or start a new one with another --out"
     else:
         check_typed(typed)
-        cfg = with_defaults(Settings(**typed))
+        cfg = Settings(**typed)
+        for key, value in DATASET_DEFAULTS[cfg.dataset].items():  # what the command line left open
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.pretrained is None:
+            cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
+        check_settings(cfg)
+        if cfg.out is None:
+            suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
+            suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run has a folder of its own
+            cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
         if not (Path(cfg.out) / "checkpoint.pt").is_file():
             return cfg
         out, wanted = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
@@ -1111,10 +1052,8 @@ def parse_settings(argv=None) -> Settings:
     saved = {**dataclasses.asdict(Settings()), "precision": "fp32", **load_checkpoint(out)["settings"]}
     changed = [k for k in sorted(wanted.keys() - FREE_ON_RESUME) if wanted[k] != saved[k]]
     if changed:
-        differ = ", ".join(f"{as_typed(k, typed.get(k, 'default'))} (the run: {as_typed(k, saved[k])})"
-                           for k in changed)
+        differ = ", ".join(f"{as_typed(k, typed.get(k))} (the run: {as_typed(k, saved[k])})" for k in changed)
         raise UserError(f"the run in {out} has other settings: {differ}; {fix}")
-    known = {f.name for f in dataclasses.fields(Settings)}
     cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **typed, "out": out, "resume": out})
     check_settings(cfg)
     return cfg
@@ -1140,28 +1079,12 @@ def check_typed(typed: dict):
         idle["max_epochs"] = "--epochs skips the epoch search"
     if dataset != "synthetic":
         idle.update(dict.fromkeys(("syn_classes", "syn_train", "syn_test", "syn_size"), f"--dataset is {dataset}"))
-    if "top_k" in typed:
-        idle["top_k"] = "only --predict prints classes"
+    idle["top_k"] = "only --predict prints classes"  # only a typed flag is looked up
     if typed.get("max_epochs") == 1 and "alpha" not in idle:
         idle["max_epochs"] = "a search of one epoch finds E* = 1 whatever S- does (--epochs 1 says so)"
     key = next((key for key in typed if key in idle), None)
     if key:
         raise UserError(f"--{key.replace('_', '-')} cannot act: {idle[key]}; drop it")
-
-
-def with_defaults(cfg: Settings) -> Settings:
-    """Fill what the command line left open from the dataset's defaults, check it, and name the output folder."""
-    for key, value in DATASET_DEFAULTS[cfg.dataset].items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.pretrained is None:
-        cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
-    check_settings(cfg)
-    if cfg.out is None:
-        suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
-        suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run has a folder of its own
-        cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
-    return cfg
 
 
 def check_settings(cfg: Settings):
@@ -1171,8 +1094,7 @@ def check_settings(cfg: Settings):
     if cfg.text_weight + cfg.visual_weight <= 0:
         raise UserError("--text-weight and --visual-weight must not both be 0")
     if cfg.prompt.count("{") != 1 or cfg.prompt.count("}") != 1 or "{}" not in cfg.prompt:
-        raise UserError(f"--prompt '{cfg.prompt}' needs exactly one {{}} for the class name and no other braces; "
-                        f"e.g. --prompt 'a photo of a {{}}.'")
+        raise UserError(f"--prompt '{cfg.prompt}' needs exactly one {{}} for the class name, e.g. 'a photo of a {{}}.'")
     if cfg.split_file and cfg.dataset in ("cifar100", "synthetic"):
         raise UserError(f"--split-file is for the image-folder datasets, not --dataset {cfg.dataset}")
     if cfg.out is not None and not cfg.out.strip():
@@ -1188,8 +1110,7 @@ def check_settings(cfg: Settings):
 
 
 def variant(cfg: Settings) -> str:
-    """The paper's row this run reproduces: mgclip, its ablation without preservation and/or compensation, or zeroshot
-    (zero-shot CLIP: no fine-tuning, the text branch alone)."""
+    """The paper's row: mgclip, no-preservation and / or no-compensation, or zeroshot (no fine-tuning, text branch)."""
     if cfg.epochs == 0 and not cfg.compensation:
         return "zeroshot"
     off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
@@ -1236,9 +1157,7 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
         except Exception as e:
             hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
             reason = textwrap.shorten(f"{type(e).__name__}: {e}", 200, placeholder=" ...")  # one line, not its last
-            fix = "cache it once where the hub is reachable"
-            if isinstance(e, ImportError):
-                fix = "pip install transformers"
+            fix = "pip install transformers" if isinstance(e, ImportError) else "cache it where the hub is reachable"
             raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({reason}); {fix}") from None
         model = open_clip_model(name, pretrained)
     # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
@@ -1284,21 +1203,19 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
 
 
 class Feed:
-    """One split's DataLoader for the whole run: its worker processes (when images need decoding or resizing) start
-    once and serve every pass of every task; `clock` sums the seconds and images of the passes per phase."""
+    """One split's DataLoader for the whole run; `clock` sums the seconds and images of the passes per phase."""
 
     def __init__(self, split: Split, clip: Clip, clock: dict, workers: int, progress: bool):
         workers = min(workers, os.cpu_count() or 1) if split.files is not None or split.transform else 0
         self.order = []  # the loader's sampler: the index batches of the pass about to start, set in place
         self.loader = torch.utils.data.DataLoader(
             split, sampler=self.order, batch_size=None, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
-            prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0)  # started once, for every pass
         self.split, self.clip, self.clock, self.progress = split, clip, clock, progress
 
 
 class Batches:
-    """Model-ready (images, labels) of some classes of a split on the model's device, a pass per iteration, each image
-    decoded once per pass; shuffled per epoch (set_epoch) when seeded, in order otherwise."""
+    """Model-ready (images, labels) of some classes of a split, a pass per iteration; seeded: reshuffled each epoch."""
 
     def __init__(self, feed: Feed, classes: range, batch_size: int, phase: str, seed: int | None = None):
         labels = feed.split.labels
@@ -1352,16 +1269,12 @@ def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def settle_offline(cfg: Settings):
-    """Treat the machine as offline on --no-download or when the hub (or the HF_ENDPOINT mirror) sends no HTTP answer
-    within 3 s: weights then come from the cache or fail at once, never a retry loop or a silent wait."""
-    if not download_forbidden(cfg):
-        try:
-            urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=3).close()
+    """Offline on --no-download or when the hub (or HF_ENDPOINT) sends no HTTP answer in 3 s: never a retry loop."""
+    with suppress(OSError, ValueError):  # refused, unknown, silent for 3 s, or a malformed HF_ENDPOINT
+        if not download_forbidden(cfg):
+            with suppress(urllib.request.HTTPError):  # an HTTP answer, even an error page: the hub is there
+                urllib.request.urlopen(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=3).close()
             return
-        except urllib.error.HTTPError:
-            return  # an HTTP answer, even an error page: the hub is there
-        except (OSError, ValueError):  # refused, unknown, silent for 3 s, or a malformed HF_ENDPOINT
-            pass
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"  # read when they are imported
     if "huggingface_hub.constants" in sys.modules:  # imported already (open_clip names ImageNet's classes)
         sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
@@ -1428,8 +1341,7 @@ def set_up(cfg: Settings) -> Run:
 
 
 def run(cfg: Settings) -> dict:
-    """MG-CLIP over all tasks into --out, which holds one run at a time: set up, learn task after task with a checkpoint
-    after each, then the summary."""
+    """MG-CLIP into --out (one run at a time): set up, learn each task and checkpoint it, then write the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
     finished = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -1509,12 +1421,11 @@ def run_record(device: str) -> dict:
 
 
 def save_task(out: Path, state: dict, r: Run, cfg: Settings):
-    """After each task: the checkpoint (LoRA, the classifier, E*, the metrics so far, the settings, the data, the
-    clock), then its metrics appended to metrics.jsonl, each file replaced atomically; a failure is one line."""
+    """After each task: checkpoint.pt (state, settings, data, clock), then metrics.jsonl, each replaced atomically."""
     checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=r.data.record(), clock=r.clock)
     try:  # the checkpoint first: metrics.jsonl is rewritten from it on resume, never the other way round
         replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
-        write_json(out / "metrics.jsonl", state["rows"][-1], mode="a")
+        write_json(out / "metrics.jsonl", state["rows"], lines=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         reason = textwrap.shorten(getattr(e, "strerror", None) or str(e), 80, placeholder=" ...")
         raise UserError(f"cannot save task {len(state['rows'])} in {out} ({reason}); is the disk full? The "
@@ -1530,8 +1441,7 @@ def resume_state(r: Run, out: Path) -> dict:
         raise UserError(f"the run in {out} was trained on other data ({', '.join(differ)} differ); point --data-root "
                         f"at that run's data, or start a new run with another --out")
     r.clock.update(state.get("clock", {}))
-    rows = "".join(json.dumps(row) + "\n" for row in state["rows"])
-    replace_atomically(out / "metrics.jsonl", lambda tmp: tmp.write_text(rows))
+    write_json(out / "metrics.jsonl", state["rows"], lines=True)
     log.info(f"continuing the run in {out} after task {len(state['rows'])} (from its checkpoint.pt)")
     return state
 
@@ -1543,7 +1453,15 @@ def predict_images(cfg: Settings):
     names = state.get("data", {}).get("classnames")  # checkpoints before 2026-11 lack them
     if not names:
         raise UserError(f"--predict {cfg.predict[0]}: its checkpoint.pt names no classes (a run before 2026-11)")
-    files = image_files(cfg.predict[1:])
+    files = []
+    for path in cfg.predict[1:]:  # files as given, folders read as training reads them (sorted, subfolders)
+        if not os.path.exists(path):
+            raise UserError(f"--predict: {path} does not exist; give image files or folders of them")
+        found = [path] if os.path.isfile(path) else [os.path.join(top, name) for top, _, fnames in
+                                                     os.walk(path, followlinks=True) for name in fnames]
+        files += sorted(f for f in found if f == path or is_image(f))
+    if not files:
+        raise UserError(f"--predict: no image in {', '.join(cfg.predict[1:])} (read: the files PIL opens)")
     check_images(files, cfg.workers, cfg.progress)
     device = pick_device(cfg.device)
     if cfg.model != "tiny":
@@ -1571,20 +1489,6 @@ def predict_images(cfg: Settings):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def image_files(paths: list[str]) -> list[str]:
-    """The image files of the paths: files as given, folders read as training reads them (sorted, subfolders)."""
-    files = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise UserError(f"--predict: {path} does not exist; give image files or folders of them")
-        found = [path] if os.path.isfile(path) else [os.path.join(top, name) for top, _, names in
-                                                     os.walk(path, followlinks=True) for name in names]
-        files += sorted(f for f in found if f == path or is_image(f))
-    if not files:
-        raise UserError(f"--predict: no image in {', '.join(paths)} (read: the files PIL opens)")
-    return files
-
-
 def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
     """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
     correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
@@ -1592,8 +1496,7 @@ def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
 
 
 def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) -> dict:
-    """summary.json: the settings, data and run record, Avg / Last / forgetting, the accuracy matrix, per-branch
-    accuracies, the gap per task and the search's trace, zero-shot retention, and the time per phase and per task."""
+    """summary.json: settings, data, run record, the metrics, per-branch accuracies, gap, search, zero-shot, times."""
     rows = state["rows"]
     device = r.clip.mean.device
     summary = dict(config=dataclasses.asdict(cfg), variant=variant(cfg), device=str(device), **r.data.record(),
@@ -1616,8 +1519,7 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
                                    retained=final / first if first else None)
     summary["phases"] = {p: dict(seconds=round(s, 3), images_per_second=round(n / s, 1) if s else None)
                          for p, (s, n) in r.clock.items()}
-    summary.update(run=record, seconds_total=round(seconds, 3),
-                   seconds_per_task=[row.get("seconds") for row in rows],
+    summary.update(run=record, seconds_total=round(seconds, 3), seconds_per_task=[row.get("seconds") for row in rows],
                    peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda"
                    else None)
     return summary
@@ -1633,10 +1535,9 @@ def replace_atomically(path: Path, write):
         tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
 
 
-def write_json(path: Path, obj, mode="w"):
-    """Write JSON, or append one line of it (mode "a"), atomically."""
-    old = path.read_text() if mode == "a" and path.exists() else ""
-    text = old + json.dumps(obj) + "\n" if mode == "a" else json.dumps(obj, indent=2)
+def write_json(path: Path, obj, lines=False):
+    """Write JSON, or a list as JSON lines (lines=True), atomically."""
+    text = "".join(json.dumps(row) + "\n" for row in obj) if lines else json.dumps(obj, indent=2)
     replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
@@ -1732,8 +1633,7 @@ def main(argv=None):
 
 
 # ============================================================== Class lists and orders, out of the reader's way
-# VTAB's class names are the authors' dataset_reqs/vtab_classes.txt, in the ImageFolder order of its 50 folders. The
-# orders are the authors': the class at position p of the order is ORDER[p].
+# The authors' lists: VTAB's class names (dataset_reqs/vtab_classes.txt, in ImageFolder order), ORDER[p]: class at p.
 VTAB_CLASSES = """
 airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church; circular farmland; cloud;
 banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked; crosshatched; crystalline; Abyssinian Cat;

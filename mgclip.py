@@ -150,10 +150,8 @@ def pretrained_clip(model: nn.Module):
 
 @contextmanager
 def forward_context(device: torch.device, amp: torch.dtype | None):
-    """Where the towers run: LoRA merged once per forward; autocast to amp, or fp32 (None) even in an outer autocast."""
-    autocast = nullcontext()  # fp32 off cpu / cuda: torch 2.1-2.4 refuse autocast("mps") even disabled
-    if amp is not None or device.type in ("cpu", "cuda"):
-        autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    """Where the towers run: LoRA merged into W once per forward, autocast to `amp` unless it is None (fp32)."""
+    autocast = nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)  # fp32: none at all
     with autocast, parametrize.cached():
         yield
     torch.clear_autocast_cache()  # within a caller's autocast the cache outlives this forward: LoRA changes each step
@@ -182,8 +180,8 @@ def image_features(model: nn.Module, batches, classes: range, amp: torch.dtype |
 
 
 def modality_gap(image_feats, text_feats, labels, scale: float) -> dict:
-    """The modality gap: S+ / S- = mean s cos(v, t) of matching / non-matching pairs (s = logit_scale.exp().item(), 100
-    for CLIP; the parameter is log s) and the centroid gap ||mean_i v_i - mean_c t_c|| (each prompt counted once)."""
+    """The modality gap: S+ / S- = mean s cos(v, t) of matching / non-matching pairs (s = 100 for CLIP: pass
+    model.logit_scale.exp().item(), not logit_scale, which holds log s) and the centroid gap ||mean v - mean t||."""
     v = F.normalize(image_feats.float(), dim=-1)
     t = F.normalize(text_feats.float(), dim=-1)
     pos = scale * (v * t[labels]).sum(-1)
@@ -389,18 +387,20 @@ def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifie
 
 
 def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
-    """MG-CLIP over all tasks, on a model fresh from add_lora; yields the state after each task (rows, E*, classifier,
-    LoRA, RNG, taken_on; on the CPU), which as `state` continues bit for bit. A failed task leaves the last state."""
+    """MG-CLIP over all tasks, on a model fresh from add_lora; yields each task's state, which as `state` continues."""
     check_contract(model, lora, tokens, tasks, hp, amp, state)
     if state is None:  # E* is None until the search on task 1 sets it
         epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
         state = dict(rows=[], epochs=epochs, classifier=None, lora=[p.detach().to("cpu", copy=True) for p in lora])
     classifier = load_state(model, lora, tokens, state)[1]
+    torch.set_rng_state(state.get("rng", torch.get_rng_state()))  # a shuffled DataLoader goes on as if never stopped
+    device = model.logit_scale.device.type  # each task outside a caller's autocast (torch 2.1-2.4 refuse one on mps)
     for t in range(len(state["rows"]), len(tasks)):
         try:
-            row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp, amp,
-                                                 report)
-        except BaseException:  # Ctrl-C too: no half-trained task stays in the model
+            with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else nullcontext():
+                row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp,
+                                                     amp, report)
+        except BaseException:  # Ctrl-C too: a task that fails leaves the model as the last state
             load_state(model, lora, tokens, state)
             raise
         state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
@@ -427,8 +427,6 @@ def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
         raise ValueError(f"the state was taken on another model or other prompts: {', '.join(differ)}; load it into "
                          f"the model it was trained on (the same weights, add_lora rank and alpha, and prompts)")
     set_lora(lora, state["lora"])
-    if "rng" in state:
-        torch.set_rng_state(state["rng"])  # a shuffled DataLoader goes on as if never stopped
     return seen, None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
 
 
@@ -464,13 +462,15 @@ def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, 
         raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
     if state is None and any(m.B.any() for m in modules):
         raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
+    done = [[task.classes.start, task.classes.stop] for task in tasks[:len(state["rows"])]] if state else []
+    if state is not None and [row["classes"] for row in state["rows"]] != done:
+        raise ValueError("the tasks up to the state's last differ from the ones it learned: cut the classes as it did")
     if state is not None and hp.epochs is not None and state["epochs"] not in (None, hp.epochs):
         raise ValueError(f"the state's E* is {state['epochs']}, not hp.epochs = {hp.epochs}: drop epochs or start anew")
 
 
 def checked(batches, device: torch.device, classes: range):
-    """The batches, each checked as it passes: (normalised float images, int64 labels within `classes`) on `device`.
-    One host sync on the first batch and one after the last; the labels in between are clamped, their misses counted."""
+    """The batches as they pass, checked: (normalised float images, int64 labels in `classes`) on `device`."""
     wrong, n, x = 0, 0, None
     for n, (x, y) in enumerate(batches, 1):
         if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
@@ -519,7 +519,7 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
                 and num_classes - b >= 2 * (tasks - 1)]  # B classes first, then tasks of 2 or more
         target = initial_increment or num_classes / max(tasks, 1)
         other = f"--initial-increment {min(fits, key=lambda b: abs(b - target))}" if fits else "another --tasks"
-        raise UserError(f"{num_classes} classes do not split into --tasks {tasks} of at least 2 classes each{after}; "
+        raise UserError(f"{num_classes} classes do not split evenly into --tasks {tasks} of 2 or more each{after}; "
                         f"use --tasks {works or 1}, or --tasks {tasks} with {other}")
     bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
@@ -949,8 +949,9 @@ class Settings:
                                     "run: what it retains", choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
     progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
-    predict: list[str] | None = arg(None, RUN, "classify images with the last finished task of the run in RUN: per "
-                                    "image, its path and --top-k classes with probabilities", metavar=("RUN", "PATH"))
+    predict: list[str] | None = arg(None, RUN, "classify images (files, folders) with the last finished task of the "
+                                    "run in RUN: per image, its path and --top-k classes with probabilities",
+                                    metavar=("RUN PATH", "PATH"))
     top_k: int = arg(5, RUN, "--predict: the classes printed per image", low=1)
 
 

@@ -1071,8 +1071,8 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
 
 
 def test_fine_tuning_trains_inside_a_callers_autocast():
-    """An outer bf16 autocast around fine-tuning with amp=None: LoRA trains as without it, not at a standstill (autocast
-    would cache its low-precision copy of A and B across the steps)."""
+    """An outer bf16 autocast around fine-tuning: LoRA trains, not at a standstill (autocast would cache its
+    low-precision copy of A and B across the steps); around learn_tasks with amp=None, nothing changes at all."""
     losses = {}
     for outer, amp in ((None, None), (torch.bfloat16, None), (torch.bfloat16, torch.bfloat16)):
         clip = tiny_clip()
@@ -1083,10 +1083,14 @@ def test_fine_tuning_trains_inside_a_callers_autocast():
                                                                      range(0, 2), 5e-2, 4, amp)]
     assert losses[None, None][-1] < 0.7 * losses[None, None][0]
     for both in ((torch.bfloat16, None), (torch.bfloat16, torch.bfloat16)):  # bf16 logits; fp32 or bf16 towers
-        assert losses[both][-1] == pytest.approx(losses[None, None][-1], rel=0.1), both
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        with M.forward_context(torch.device("cpu"), None):
-            assert clip.model.encode_image(tiny_batches(clip)[0][0]).dtype == torch.float32  # amp=None: fp32 inside
+        assert losses[both][-1] == pytest.approx(losses[None, None][-1], rel=0.1), both  # bf16 towers and logits
+    clip, tokens, tasks = synthetic_tasks(M.Task)  # learn_tasks runs each task as if no caller's autocast were on
+    hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    plain = next(M.learn_tasks(clip.model, M.add_lora(clip.model), tokens, tasks, hp, report=lambda line: None))
+    clip = synthetic_tasks(M.Task)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = next(M.learn_tasks(clip.model, M.add_lora(clip.model), tokens, tasks, hp, report=lambda line: None))
+    assert inside["rows"] == plain["rows"]  # bit for bit: fp32 towers, heads and classifier
 
 
 def test_a_state_loads_only_into_the_model_and_prompts_it_was_taken_on():
@@ -1106,6 +1110,10 @@ def test_a_state_loads_only_into_the_model_and_prompts_it_was_taken_on():
             next(M.learn_tasks(other.model, other_lora, prompts, tasks, hp, state=state))
     with pytest.raises(ValueError, match="the state's E\\* is 1, not hp.epochs = 4"):
         next(M.learn_tasks(clip.model, lora, tokens, tasks, M.Hyper(epochs=4), state=state))
+    with pytest.raises(ValueError, match="the tasks up to the state's last differ"):
+        other_split = [M.Task(range(0, 4), tasks[0].train, tasks[0].train_eval, tasks[0].test),
+                       M.Task(range(4, 10), tasks[1].train, tasks[1].train_eval, tasks[1].test)] + tasks[2:]
+        next(M.learn_tasks(clip.model, lora, tokens, other_split, hp, state=state))
     more = torch.cat([tokens, clip.tokenize(["a good photo of a new class."])])  # classes added later: the same prefix
     assert M.load_state(clip.model, lora, more, state)[0] == 5
 
@@ -2242,5 +2250,6 @@ def test_help_answers_which_alpha_and_names_the_environment(capsys):
         M.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "not LoRA's --lora-alpha" in text and "not gap preservation's --alpha" in text
-    assert "on a CPU plain fp32" in text and "0: in the main process" in text and "--predict RUN [PATH ...]" in text
+    assert "on a CPU plain fp32" in text and "0: in the main process" in text
+    assert "--predict RUN PATH [PATH ...]" in text  # PATH is not optional
     assert "HF_HUB_OFFLINE=1" in text and "OMP_NUM_THREADS=1" in text

@@ -518,9 +518,9 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
         fits = [b for b in range(2, num_classes) if tasks > 1 and (num_classes - b) % (tasks - 1) == 0
                 and num_classes - b >= 2 * (tasks - 1)]  # B classes first, then tasks of 2 or more
         target = initial_increment or num_classes / max(tasks, 1)
-        other = f"--initial-increment {min(fits, key=lambda b: abs(b - target))}" if fits else "another --tasks"
-        raise UserError(f"{num_classes} classes do not split evenly into --tasks {tasks} of 2 or more each{after}; "
-                        f"use --tasks {works or 1}, or --tasks {tasks} with {other}")
+        other = f", or --tasks {tasks} --initial-increment {min(fits, key=lambda b: abs(b - target))}" if fits else ""
+        raise UserError(f"{num_classes} classes do not split evenly into --tasks {tasks} of at least 2 classes "
+                        f"each{after}; use --tasks {works or 1}{other}")
     bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 

@@ -1347,8 +1347,8 @@ def test_broken_data_files_are_one_line_each(tmp_path):
     (["--zeroshot-root", "x"], "--zeroshot-root cannot act"),
     (["--zeroshot-eval", "food101"], "needs --zeroshot-root"),
     (["--syn-classes", "100", "--tasks", "10", "--initial-increment", "50"],
-     "use --tasks 2 or 3 or 6 or 11 or 26, or --tasks 10 with --initial-increment 46"),
-    (["--tasks", "3"], "use --tasks 1 or 2 or 4 or 5 or 10, or --tasks 3 with --initial-increment 6"),  # 6, 7, 7
+     "use --tasks 2 or 3 or 6 or 11 or 26, or --tasks 10 --initial-increment 46"),
+    (["--tasks", "3"], "use --tasks 1 or 2 or 4 or 5 or 10, or --tasks 3 --initial-increment 6"),  # 6, 7, 7
     (["--model", "vit-b-16", "--pretrained", "none"], "did you mean --model ViT-B-16"),
     (["--model", "EVA02-B16", "--pretrained", "none"], "did you mean --model EVA02-B-16"),
     (["--model", "ViT-B-16-SigLIP-2", "--pretrained", "none"], "did you mean --model ViT-B-16-SigLIP2"),

@@ -401,7 +401,7 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
                 row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp,
                                                      amp, report)
         except BaseException:  # Ctrl-C too: a task that fails leaves the model as the last state
-            load_state(model, lora, tokens, state)
+            set_lora(lora, state["lora"])
             raise
         state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
                      classifier=None if classifier is None else classifier.to("cpu", copy=True),
@@ -741,9 +741,10 @@ def folder_split(folder: Path, classes: list[str]) -> Split:
     skipped = []
 
     def keep(path: str) -> bool:
-        if not is_image(path):
+        image = is_image(path)
+        if not image:
             skipped.append("._*" if os.path.basename(path).startswith("._") else Path(path).suffix.lower() or "none")
-        return is_image(path)
+        return image
     try:
         found = make_dataset(str(folder), {name: pos for pos, name in enumerate(classes)}, is_valid_file=keep)
     except FileNotFoundError as e:
@@ -1345,8 +1346,9 @@ def run(cfg: Settings) -> dict:
     """MG-CLIP into --out (one run at a time): set up, learn each task and checkpoint it, then write the summary."""
     started = time.perf_counter()
     out = Path(cfg.out)
-    finished = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    if cfg.resume and finished and (finished.get("zeroshot") or {}).get("dataset") == cfg.zeroshot_eval:  # all done
+    done = out / "summary.json"
+    finished = json.loads(done.read_text()) if cfg.resume and done.is_file() else {}
+    if finished and (finished.get("zeroshot") or {}).get("dataset") == cfg.zeroshot_eval:  # all done
         print(f"the run in {out} has finished: {summary_line(finished)}")
         return finished
     try:

@@ -44,7 +44,7 @@ import time
 import typing
 import urllib.request
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy
@@ -67,20 +67,292 @@ from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
-# The contracts (README, Copying the method block), enforced by check_contract and checked(): labels are class-order
-# positions, tokens[c] is the prompt of the class at position c; batches are re-iterables of (normalised float images,
-# int64 labels) on the model's device; the model comes from add_lora, the block sets its mode. Imports to paste above:
+# The contracts (README, Copying the method block), checked at the block's boundary by the guards at its end: labels
+# are class-order positions, tokens[c] is the prompt of the class at position c; batches are re-iterables of
+# (normalised float images, int64 labels) on the model's device; the model comes from add_lora, the block sets its mode.
+# Imports to paste above:
 # import math
 # import typing
 # from contextlib import contextmanager, nullcontext
-# from dataclasses import dataclass
+# from dataclasses import asdict, dataclass
 # import torch
 # import torch.nn as nn
 # import torch.nn.functional as F
 # from torch.nn.utils import parametrize
-LABEL_RULE = "labels must be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)"
+@dataclass
+class Hyper:
+    """All of MG-CLIP's hyperparameters (the authors' CIFAR-100 values); refused when they train or mean nothing."""
+    lora_rank: int = 8  # LoRA on W_k, W_v of both towers: W + (lora_alpha / lora_rank) B A
+    lora_alpha: float = 1.0
+    lr: float = 1e-3  # Adam on LoRA
+    epochs: int | None = None  # E*; None: found by gap preservation on task 1
+    max_epochs: int = 10  # the search's longest probe; without preservation, every task's epochs
+    alpha: float = 0.1  # gap preservation's tolerance on the relative drift of S-
+    vis_lr: float = 5e-4  # the visual classifier's Adam
+    vis_batch_size: int = 64
+    vis_epochs: int = 3
+    text_weight: float = 1.0  # fusion
+    visual_weight: float = 4.0
+    preservation: bool = True  # the ablations: without gap preservation, without gap compensation
+    compensation: bool = True
+    seed: int = 42  # the visual classifier of task t (from 1) shuffles with seed + t
+
+    def __post_init__(self):
+        check_hyper(self)
 
 
+@dataclass
+class Task:
+    """A task: its classes, its training images (train: the epochs; train_eval: no gradient), seen classes' test images."""
+    classes: range
+    train: typing.Iterable
+    train_eval: typing.Iterable
+    test: typing.Iterable
+
+
+def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
+    """MG-CLIP task after task on a model fresh from add_lora(model, hp); yields each task's state. Given a state, it
+    goes on with the tasks it has not learned: the new ones alone, or all (those it learned are skipped)."""
+    tasks = check_contract(model, lora, tokens, tasks, hp, amp, state)  # the tasks still to learn
+    if state is None:  # E* is None until the search on task 1 sets it
+        epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
+        state = dict(rows=[], epochs=epochs, classifier=None, lora=[p.detach().to("cpu", copy=True) for p in lora])
+    classifier = load_state(model, lora, tokens, state)[1]
+    torch.set_rng_state(state.get("rng", torch.get_rng_state()))  # a shuffled DataLoader goes on as if never stopped
+    ranges = [range(*row["classes"]) for row in state["rows"]]  # the classes of each task learned so far
+    total = len(ranges) + len(tasks)
+    device = model.logit_scale.device.type  # each task outside a caller's autocast (torch 2.1-2.4 refuse one on mps)
+    for task in tasks:
+        ranges.append(task.classes)
+        report(f"task {len(ranges)}/{total}: classes {task.classes.start}-{task.classes.stop - 1}")
+        try:
+            with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else nullcontext():
+                row, classifier, epochs = learn_task(model, lora, tokens, task, ranges, state["epochs"], classifier,
+                                                     hp, amp, report)
+        except BaseException:  # Ctrl-C and a check after a pass too: a task that fails leaves the last state's LoRA
+            set_lora(lora, state["lora"])
+            raise
+        state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
+                     classifier=None if classifier is None else classifier.to("cpu", copy=True),
+                     rng=torch.get_rng_state(), hyper=asdict(hp), taken_on=taken_on(model, tokens, task.classes.stop))
+        yield state
+
+
+def learn_task(model, lora, tokens, task: Task, ranges: list[range], epochs, classifier, hp: Hyper, amp=None,
+               report=print):
+    """Task t = len(ranges), the algorithm box (epochs None: search E*); returns its metrics, the grown W and E*."""
+    t, classes, seen_tokens = len(ranges), task.classes, tokens[: task.classes.stop]
+    with pretrained_clip(model):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
+        before = measure_gap(model, task.train_eval, seen_tokens, amp)
+    row = dict(task=t, classes=[classes.start, classes.stop])
+    trained = False
+    if epochs is None:
+        epochs, trained, row["search"] = search_epochs(model, lora, task.train, task.train_eval, tokens, classes,
+                                                       hp.lr, hp.max_epochs, before["s_minus"], hp.alpha, amp, report)
+        report(f"  gap preservation: E* = {epochs} epochs per task")
+    if len(classes) == 1:
+        report("  one class: its cross-entropy is 0 whatever LoRA does, so LoRA trains nothing on this task")
+    if not trained:
+        for epoch, loss, epoch_lr in finetune(model, lora, task.train, tokens, classes, hp.lr, epochs, amp):
+            report(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
+    feats, labels = image_features(model, task.train_eval, classes, amp)  # one pass: S+ / S- and the classifier
+    text_seen = text_features(model, seen_tokens, amp)
+    after = modality_gap(feats, text_seen, labels, model.logit_scale.exp().item())
+    if hp.compensation:
+        classifier = train_visual_classifier(classifier, feats, labels, classes, hp.vis_lr, hp.vis_batch_size,
+                                             hp.vis_epochs, hp.seed + t)
+    correct, count = evaluate(model, task.test, text_seen, classifier, (hp.text_weight, hp.visual_weight), amp)
+    fused = correct[0] if hp.compensation else correct[1]  # without compensation, the text branch decides
+    seen = range(0, classes.stop)
+    row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
+               acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
+               acc_per_task=[accuracy(fused, count, r) for r in ranges], gap_before=before, gap_after=after)
+    visual = "n/a" if row["acc_visual"] is None else f"{row['acc_visual']:.2f}"
+    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {visual})  S+ {before['s_plus']:.2f}->"
+           f"{after['s_plus']:.2f}  S- {before['s_minus']:.2f}->{after['s_minus']:.2f} (pre-trained CLIP->trained)")
+    return row, classifier, epochs
+
+
+# ------------------------------------------------------------------------------ the steps, in the algorithm box's order
+def measure_gap(model, batches, seen_tokens, amp=None) -> dict:
+    """The modality gap between the batches' images and the prompts of the classes seen so far."""
+    feats, labels = image_features(model, batches, range(len(seen_tokens)), amp)
+    return modality_gap(feats, text_features(model, seen_tokens, amp), labels, model.logit_scale.exp().item())
+
+
+# S- and not S+: S+ rises with any successful fine-tuning; S- tracks how far the pre-trained geometry (the zero-shot
+# knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the dataset and the lr; a search
+# per task would cost a probe and a retrain each task, and S- would drift through the earlier tasks' training too.
+def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range, lr: float, max_epochs: int,
+                  s_minus_0: float, alpha: float, amp=None, report=print):
+    """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
+    returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
+    start, trace = [p.detach().clone() for p in lora], []
+    for epoch, loss, lr_now in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
+        if epoch == 1:
+            after_one = [p.detach().clone() for p in lora]
+        gap = measure_gap(model, train_eval, tokens[: classes.stop], amp)
+        drift = abs(gap["s_minus"] - s_minus_0) / abs(s_minus_0)
+        trace.append(dict(epoch=epoch, loss=loss, lr=lr_now, s_plus=gap["s_plus"], s_minus=gap["s_minus"], drift=drift))
+        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {lr_now:.2e}  S- {gap['s_minus']:.3f}  "
+               f"relative drift {drift:.3f} (alpha {alpha})")
+        if drift > alpha:  # epoch e went past the drift allowed: E* = e - 1 epochs, at least one
+            e_star = max(epoch - 1, 1)
+            # epoch 1 runs at lr under any cosine, from the same start and shuffle: the probe's first epoch is E* = 1's
+            # training bit for bit. E* > 1 needs a cosine over E* epochs, so LoRA starts again from B = 0.
+            set_lora(lora, after_one if e_star == 1 else start)
+            return e_star, e_star == 1, trace
+    report(f"  gap search: S- stayed within alpha = {alpha} for all {max_epochs} epochs, so E* = {max_epochs}")
+    return max_epochs, True, trace  # the probe is the real training
+
+
+def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
+    """LoRA fine-tuning: Adam, cosine over `epochs` to 0.01 lr. A generator: it trains one epoch each time the caller
+    asks for the next (epoch, mean loss, its lr), and the schedule steps when the caller asks again."""
+    device = model.logit_scale.device
+    scale = model.logit_scale.exp().detach()
+    task_tokens = tokens[classes.start: classes.stop].to(device)
+    opt = torch.optim.Adam(lora, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.01 * lr)
+    for epoch in range(1, epochs + 1):
+        if hasattr(batches, "set_epoch"):  # as DistributedSampler: epoch e shuffles alike in a probe and a retrain
+            batches.set_epoch(epoch)
+        model.train()  # as the authors fine-tune; BatchNorm (MobileCLIP's towers) stays frozen, statistics included
+        for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            norm.eval()
+        loss_sum, step = torch.zeros((), device=device), 0
+        for step, (x, y) in enumerate(checked(batches, device, classes), 1):
+            with forward_context(device, amp):
+                v = model.encode_image(x)
+                t = model.encode_text(task_tokens)
+            # over the task's own classes only: earlier prompts are not pushed away; SigLIP's logit bias changes nothing
+            logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
+            loss = F.cross_entropy(logits, y - classes.start)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()  # summed on the device: no host sync per step
+        yield epoch, finite(loss_sum.item() / step, f"loss in epoch {epoch}"), schedule.get_last_lr()[0]
+        schedule.step()
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, batches, classes: range, amp: torch.dtype | None = None):
+    """L2-normalised image features v_i and their labels (within `classes`), from one pass over the batches."""
+    model.eval()
+    device, feats, labels = model.logit_scale.device, [], []
+    for x, y in checked(batches, device, classes):
+        with forward_context(device, amp):
+            feats.append(model.encode_image(x))
+        labels.append(y)
+    return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
+
+
+@torch.no_grad()
+def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
+    """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
+    model.eval()
+    device = model.logit_scale.device
+    with forward_context(device, amp):
+        out = [model.encode_text(t.to(device)) for t in tokens.split(500)]
+    return F.normalize(torch.cat(out).float(), dim=-1)
+
+
+def modality_gap(image_feats, text_feats, labels, scale: float) -> dict:
+    """The modality gap: S+ / S- = mean s cos(v, t) of matching / non-matching pairs (s = 100 for CLIP: pass
+    model.logit_scale.exp().item(), not logit_scale, which holds log s) and the centroid gap ||mean v - mean t||."""
+    v = F.normalize(image_feats.float(), dim=-1)
+    t = F.normalize(text_feats.float(), dim=-1)
+    pos = scale * (v * t[labels]).sum(-1)
+    every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
+    s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
+    return dict(s_plus=pos.mean().item(), s_minus=s_minus.item(), centroid_gap=(v.mean(0) - t.mean(0)).norm().item())
+
+
+def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
+                            seed: int) -> torch.Tensor:
+    """Gap compensation: grow W (None at first) by rows w_c for `classes`, started at their class means of v (prototypes
+    on the image side of the gap), trained on the cross-entropy of cos(v, w_c) over the task's classes (Adam, cosine per
+    step to 0.01 lr, no temperature, as the authors). Old rows stay: no old image is left. Returns unnormalised rows."""
+    y = labels - classes.start
+    sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
+    new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
+    opt = torch.optim.Adam([new], lr=lr)
+    steps = epochs * math.ceil(len(labels) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.01 * lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(labels), generator=g).to(feats.device).split(batch_size):
+            logits = F.normalize(feats[idx], dim=-1) @ F.normalize(new, dim=-1).T
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return new.detach() if classifier is None else torch.cat([classifier, new.detach()])
+
+
+@torch.no_grad()
+def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
+    """Per-class correct counts (3, C: fused, text, visual) and image counts (C,) of the C = len(text_feats) classes."""
+    device, seen = model.logit_scale.device, len(text_feats)
+    correct, count = torch.zeros(3, seen, device=device), torch.zeros(seen, device=device)
+    for x, y in checked(batches, device, range(seen)):
+        text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
+        fused = fuse_scores(text_logits, vis_logits, fusion)
+        preds = torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])  # one image pass
+        correct.index_add_(1, y, (preds == y).float())
+        count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
+    return correct.cpu(), count.cpu()
+
+
+@torch.no_grad()
+def branch_logits(model, x, text_feats, classifier, amp=None):
+    """One batch's s cos(v, t_c) (text branch) and cos(v, w_c) (rows normalised here; classifier None: w = t)."""
+    model.eval()
+    with forward_context(x.device, amp):
+        v = F.normalize(model.encode_image(x).float(), dim=-1)
+    w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
+    return model.logit_scale.exp().float() * v @ text_feats.T, v @ w.T
+
+
+def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
+    """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
+    # the authors' double softmax, kept for the paper's numbers; both branches are flat: either can decide (README)
+    p_text = text_logits.float().softmax(-1).softmax(-1)
+    return (fusion[0] * p_text + fusion[1] * visual_logits.float().softmax(-1)) / (fusion[0] + fusion[1])
+
+
+def accuracy(correct, count, classes: range) -> float | None:
+    """Top-1 accuracy (%) over the test images of `classes`, from one row of evaluate's counts; None without any."""
+    if correct.dim() != 1:
+        raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
+    images = count[classes.start: classes.stop].sum().item()
+    return 100.0 * correct[classes.start: classes.stop].sum().item() / images if images else None  # not 0: forgetting
+
+
+# --------------------------------------------------------------------------------- classifying with a learned state
+def predictor(model, lora, tokens, state, amp=None) -> typing.Callable:
+    """The state's classifier: a function of a batch x -> the fused probabilities (B, C) over its seen classes (argmax:
+    the prediction) and each branch's. It puts the state's LoRA back first, so t_c, W and LoRA always belong together."""
+    seen, classifier = load_state(model, lora, tokens, state)
+    weights = [p.detach().clone() for p in lora]
+    text_feats = text_features(model, tokens[:seen], amp)
+    hyper = state.get("hyper", {})  # states before 2026-12 have none: the default fusion
+    fusion = (hyper.get("text_weight", 1.0), hyper.get("visual_weight", 4.0))
+
+    @torch.no_grad()
+    def probabilities(x):
+        set_lora(lora, weights)
+        text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
+        # each branch's own probabilities: one softmax (the fusion's second on the text branch only flattens it)
+        if classifier is None:  # without compensation, the text branch alone predicts
+            return text_logits.softmax(-1), text_logits.softmax(-1), None
+        return fuse_scores(text_logits, vis_logits, fusion), text_logits.softmax(-1), vis_logits.softmax(-1)
+    return probabilities
+
+
+# -------------------------------------------------------------------------------------------------- LoRA's plumbing
 class LoRAKeyValue(nn.Module):
     """W + (lora_alpha / r) B_i A_i on the last n row blocks: W_k, W_v of a packed [W_q; W_k; W_v] (n = 2), or one."""
 
@@ -110,8 +382,11 @@ def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
     return [found for child in module.children() for found in key_value_weights(child)]
 
 
-def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[nn.Parameter]:
-    """Freeze an open_clip CLIP, put LoRA on W_k, W_v of each attention block of both towers; return LoRA's weights."""
+def add_lora(model: nn.Module, hp: Hyper | None = None) -> list[nn.Parameter]:
+    """Freeze an open_clip CLIP, put LoRA of hp's rank and alpha (None: Hyper()'s) on W_k, W_v of each attention block
+    of both towers; return LoRA's weights."""
+    check_model(model)
+    hp = Hyper() if hp is None else hp
     if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
         raise ValueError("this model already has LoRA: call add_lora once per model")
     towers = dict(image=model.visual, text=model.text if hasattr(model, "text") else model.transformer)
@@ -123,7 +398,7 @@ def add_lora(model: nn.Module, rank: int = 8, lora_alpha: float = 1.0) -> list[n
     model.requires_grad_(False)
     for owner, name, n in found["image"] + found["text"]:
         w = getattr(owner, name)
-        parametrize.register_parametrization(owner, name, LoRAKeyValue(w, n, rank, lora_alpha).to(w.device))
+        parametrize.register_parametrization(owner, name, LoRAKeyValue(w, n, hp.lora_rank, hp.lora_alpha).to(w.device))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -157,272 +432,96 @@ def forward_context(device: torch.device, amp: torch.dtype | None):
     torch.clear_autocast_cache()  # within a caller's autocast the cache outlives this forward: LoRA changes each step
 
 
-@torch.no_grad()
-def text_features(model: nn.Module, tokens: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
-    """L2-normalised text features t_c of the tokenised prompts (in chunks, for 1000-class datasets)."""
-    model.eval()
-    device = model.logit_scale.device
-    with forward_context(device, amp):
-        out = [model.encode_text(t.to(device)) for t in tokens.split(500)]
-    return F.normalize(torch.cat(out).float(), dim=-1)
+# ======================================================= The guards: what a copy is given, checked at the block's boundary
+def check_hyper(hp: Hyper):
+    """Refuse hyperparameters that would train or mean nothing, as the command line does."""
+    at_least = dict(lora_rank=1, epochs=0, max_epochs=1, vis_batch_size=1, vis_epochs=0, text_weight=0, visual_weight=0)
+    for name in ("lora_alpha", "lr", "alpha", "vis_lr", *at_least):
+        value, low = getattr(hp, name), at_least.get(name)
+        if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
+            relation = "greater than 0" if low is None else f"at least {low}"
+            raise ValueError(f"Hyper {name} = {value} would train or mean nothing: make it {relation}")
+    if hp.text_weight + hp.visual_weight <= 0:
+        raise ValueError("Hyper text_weight and visual_weight are both 0: the fusion weighs nothing")
 
 
-@torch.no_grad()
-def image_features(model: nn.Module, batches, classes: range, amp: torch.dtype | None = None):
-    """L2-normalised image features v_i and their labels (within `classes`), from one pass over the batches."""
-    model.eval()
-    device, feats, labels = model.logit_scale.device, [], []
-    for x, y in checked(batches, device, classes):
-        with forward_context(device, amp):
-            feats.append(model.encode_image(x))
-        labels.append(y)
-    return F.normalize(torch.cat(feats).float(), dim=-1), torch.cat(labels)
+def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None) -> list[Task]:
+    """Refuse, before any work, what would train nothing or give a silently wrong number (each line says what to do);
+    returns the tasks still to learn."""
+    check_model(model, lora)
+    m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
+    if (m.A.shape[1], m.scale * m.A.shape[1]) != (hp.lora_rank, hp.lora_alpha):
+        raise ValueError("the model's LoRA has another rank or alpha than hp's: add_lora(model, hp) with this hp")
+    if torch.get_default_dtype() != torch.float32 or amp == torch.float16:
+        raise ValueError("train in float32 (torch's default dtype), amp None or torch.bfloat16 (fp16 needs a scaler)")
+    if not tasks or not all(isinstance(t.classes, range) and t.classes.step == 1 and t.classes for t in tasks):
+        raise TypeError("a Task's classes are a range of class positions, range(start, stop), not a list")
+    learned = [range(*row["classes"]) for row in state["rows"]] if state else []
+    todo = [task for task in tasks if task.classes not in learned]  # given again or not, a learned task is skipped
+    seen = learned[-1].stop if learned else 0
+    if todo and [t.classes.start for t in todo] != [seen] + [t.classes.stop for t in todo[:-1]]:
+        raise ValueError(f"the tasks to learn cut the classes into consecutive ranges from {seen}, where the state stops")
+    stop = todo[-1].classes.stop if todo else seen
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < stop:
+        raise TypeError(f"tokens are tokenize(prompts), a prompt for every class up to {stop - 1}, not {len(tokens)}")
+    if tokens.shape[-1] != getattr(model, "context_length", tokens.shape[-1]):
+        raise ValueError(f"tokens of {tokens.shape[-1]}, not {model.context_length}: use open_clip.get_tokenizer(model)")
+    if any(isinstance(b, typing.Iterator) for task in todo for b in (task.train, task.train_eval, task.test)):
+        raise TypeError("batches are re-iterables (a list, a DataLoader); a generator is empty after one pass")
+    if hp.epochs is None and hp.preservation and not learned and len(todo[0].classes) < 2:
+        raise ValueError("the epoch search needs 2 classes in task 1: S- averages over the other classes")
+    if state is None and any(m.B.any() for m in model.modules() if isinstance(m, LoRAKeyValue)):
+        raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
+    saved = state.get("hyper", {}) if state else {}  # states before 2026-12 have none
+    changed = [f"{k} {v} (the state: {saved[k]})" for k, v in asdict(hp).items() if saved.get(k, v) != v]
+    if changed:
+        raise ValueError(f"the state learned with other hyperparameters: {changed[0]}; use Hyper(**state['hyper'])")
+    return todo
 
 
-def modality_gap(image_feats, text_feats, labels, scale: float) -> dict:
-    """The modality gap: S+ / S- = mean s cos(v, t) of matching / non-matching pairs (s = 100 for CLIP: pass
-    model.logit_scale.exp().item(), not logit_scale, which holds log s) and the centroid gap ||mean v - mean t||."""
-    v = F.normalize(image_feats.float(), dim=-1)
-    t = F.normalize(text_feats.float(), dim=-1)
-    pos = scale * (v * t[labels]).sum(-1)
-    every = scale * v @ t.sum(0)  # sum over all classes without the (N, C) matrix
-    s_minus = ((every - pos) / (len(t) - 1)).mean() if len(t) > 1 else torch.tensor(float("nan"))
-    return dict(s_plus=pos.mean().item(), s_minus=s_minus.item(), centroid_gap=(v.mean(0) - t.mean(0)).norm().item())
+def check_model(model: nn.Module, lora: list | None = None):
+    """The model is an open_clip CLIP itself (not wrapped) in float32; lora, if given, is its add_lora weights."""
+    if not all(hasattr(model, name) for name in ("encode_image", "encode_text", "logit_scale")):
+        raise TypeError(f"the model is an open_clip CLIP, not a {type(model).__name__} (unwrap it: model.module)")
+    if model.logit_scale.dtype != torch.float32:
+        raise TypeError(f"the model is in {model.logit_scale.dtype}: model.float(), and amp=torch.bfloat16 for speed")
+    modules = [m for m in model.modules() if isinstance(m, LoRAKeyValue)]
+    if lora is not None and {id(p) for p in lora} != {id(p) for m in modules for p in (m.A, m.B)}:
+        raise ValueError("lora is what add_lora(model) returned: the LoRA weights of this model, and only those")
 
 
-def measure_gap(model, batches, seen_tokens, amp=None) -> dict:
-    """The modality gap between the batches' images and the prompts of the classes seen so far."""
-    feats, labels = image_features(model, batches, range(len(seen_tokens)), amp)
-    return modality_gap(feats, text_features(model, seen_tokens, amp), labels, model.logit_scale.exp().item())
-
-
-def finetune(model, lora, batches, tokens, classes: range, lr: float, epochs: int, amp=None):
-    """LoRA fine-tuning, an epoch per step: Adam, cosine over `epochs` to 0.01 lr; yields (epoch, mean loss, its lr)."""
-    device = model.logit_scale.device
-    scale = model.logit_scale.exp().detach()
-    task_tokens = tokens[classes.start: classes.stop].to(device)
-    opt = torch.optim.Adam(lora, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.01 * lr)
-    for epoch in range(1, epochs + 1):
-        if hasattr(batches, "set_epoch"):  # as DistributedSampler: epoch e shuffles alike in a probe and a retrain
-            batches.set_epoch(epoch)
-        model.train()  # as the authors fine-tune; BatchNorm (MobileCLIP's towers) stays frozen, statistics included
-        for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
-            norm.eval()
-        loss_sum, step = torch.zeros((), device=device), 0
-        for step, (x, y) in enumerate(checked(batches, device, classes), 1):
-            with forward_context(device, amp):
-                v = model.encode_image(x)
-                t = model.encode_text(task_tokens)
-            # over the task's own classes only: earlier prompts are not pushed away; SigLIP's logit bias changes nothing
-            logits = scale * F.normalize(v.float(), dim=-1) @ F.normalize(t.float(), dim=-1).T
-            loss = F.cross_entropy(logits, y - classes.start)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()  # summed on the device: no host sync per step
-        yield epoch, finite(loss_sum.item() / step, f"loss in epoch {epoch}"), schedule.get_last_lr()[0]
-        schedule.step()
-
-
-# S- and not S+: S+ rises with any successful fine-tuning; S- tracks how far the pre-trained geometry (the zero-shot
-# knowledge) has moved. Only task 1 is searched, as the authors do: E* is a budget of the dataset and the lr; a search
-# per task would cost a probe and a retrain each task, and S- would drift through the earlier tasks' training too.
-def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range, lr: float, max_epochs: int,
-                  s_minus_0: float, alpha: float, amp=None, report=print):
-    """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
-    returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
-    start, trace = [p.detach().clone() for p in lora], []
-    for epoch, loss, lr_now in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
-        if epoch == 1:
-            after_one = [p.detach().clone() for p in lora]
-        gap = measure_gap(model, train_eval, tokens[: classes.stop], amp)
-        drift = abs(gap["s_minus"] - s_minus_0) / abs(s_minus_0)
-        trace.append(dict(epoch=epoch, loss=loss, lr=lr_now, s_plus=gap["s_plus"], s_minus=gap["s_minus"], drift=drift))
-        report(f"  gap search: epoch {epoch}  loss {loss:.4f}  lr {lr_now:.2e}  S- {gap['s_minus']:.3f}  "
-               f"relative drift {drift:.3f} (alpha {alpha})")
-        if drift > alpha:  # epoch e went past the drift allowed: E* = e - 1 epochs, at least one
-            e_star = max(epoch - 1, 1)
-            # epoch 1 runs at lr under any cosine, from the same start and shuffle: the probe's first epoch is E* = 1's
-            # training bit for bit. E* > 1 needs a cosine over E* epochs, so LoRA starts again from B = 0.
-            set_lora(lora, after_one if e_star == 1 else start)
-            return e_star, e_star == 1, trace
-    report(f"  gap search: S- stayed within alpha = {alpha} for all {max_epochs} epochs, so E* = {max_epochs}")
-    return max_epochs, True, trace  # the probe is the real training
-
-
-def train_visual_classifier(classifier, feats, labels, classes: range, lr: float, batch_size: int, epochs: int,
-                            seed: int) -> torch.Tensor:
-    """Gap compensation: grow W (None at first) by rows w_c for `classes`, started at their class means of v (prototypes
-    on the image side of the gap), trained on the cross-entropy of cos(v, w_c) over the task's classes (Adam, cosine per
-    step to 0.01 lr, no temperature, as the authors). Old rows stay: no old image is left. Returns unnormalised rows."""
-    y = labels - classes.start
-    sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, y, feats)  # class means, no host sync
-    new = nn.Parameter(sums / torch.bincount(y, minlength=len(classes)).clamp(min=1).unsqueeze(1))
-    opt = torch.optim.Adam([new], lr=lr)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.01 * lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(labels), generator=g).to(feats.device).split(batch_size):
-            logits = F.normalize(feats[idx], dim=-1) @ F.normalize(new, dim=-1).T
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    return new.detach() if classifier is None else torch.cat([classifier, new.detach()])
-
-
-def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
-    """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    # the authors' double softmax, kept for the paper's numbers; both branches are flat: either can decide (README)
-    p_text = text_logits.float().softmax(-1).softmax(-1)
-    return (fusion[0] * p_text + fusion[1] * visual_logits.float().softmax(-1)) / (fusion[0] + fusion[1])
-
-
-@torch.no_grad()
-def branch_logits(model, x, text_feats, classifier, amp=None):
-    """One batch's s cos(v, t_c) (text branch) and cos(v, w_c) (rows normalised here; classifier None: w = t)."""
-    model.eval()
-    with forward_context(x.device, amp):
-        v = F.normalize(model.encode_image(x).float(), dim=-1)
-    w = F.normalize(text_feats if classifier is None else classifier, dim=-1)
-    return model.logit_scale.exp().float() * v @ text_feats.T, v @ w.T
-
-
-@torch.no_grad()
-def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """Per-class correct counts (3, C: fused, text, visual) and image counts (C,) of the C = len(text_feats) classes."""
-    device, seen = model.logit_scale.device, len(text_feats)
-    correct, count = torch.zeros(3, seen, device=device), torch.zeros(seen, device=device)
-    for x, y in checked(batches, device, range(seen)):
-        text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
-        fused = fuse_scores(text_logits, vis_logits, fusion)
-        preds = torch.stack([fused.argmax(-1), text_logits.argmax(-1), vis_logits.argmax(-1)])  # one image pass
-        correct.index_add_(1, y, (preds == y).float())
-        count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-    return correct.cpu(), count.cpu()
-
-
-def accuracy(correct, count, classes: range) -> float:
-    """Top-1 accuracy (%) over the test images of the given classes, from one row of evaluate's counts."""
-    if correct.dim() != 1:
-        raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
-    images = count[classes.start: classes.stop].sum().item()
-    if not images:  # 0% would pass for forgetting
-        raise ValueError(f"no test image of classes {classes.start}..{classes.stop - 1}: test every class seen so far")
-    return 100.0 * correct[classes.start: classes.stop].sum().item() / images
-
-
-def continual_metrics(acc: list[float], matrix: list[list[float]]) -> dict:
-    """Avg (mean of acc_t), Last (acc_T), forgetting and backward transfer from a[t][j] (j <= t)."""
-    T = len(acc)
-    if T == 1:
-        return dict(avg=acc[0], last=acc[0], forgetting=None, bwt=None)
-    forgetting = sum(max(matrix[t][j] for t in range(j, T - 1)) - matrix[T - 1][j] for j in range(T - 1)) / (T - 1)
-    bwt = sum(matrix[T - 1][j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
-    return dict(avg=sum(acc) / T, last=acc[-1], forgetting=forgetting, bwt=bwt)
-
-
-@dataclass
-class Hyper:
-    """MG-CLIP's hyperparameters (the authors' CIFAR-100 values)."""
-    lr: float = 1e-3  # Adam on LoRA
-    epochs: int | None = None  # E*; None: found by gap preservation on task 1
-    max_epochs: int = 10  # the search's longest probe; without preservation, every task's epochs
-    alpha: float = 0.1  # gap preservation's tolerance on the relative drift of S-
-    vis_lr: float = 5e-4  # the visual classifier's Adam
-    vis_batch_size: int = 64
-    vis_epochs: int = 3
-    text_weight: float = 1.0  # fusion
-    visual_weight: float = 4.0
-    preservation: bool = True  # the ablations: without gap preservation, without gap compensation
-    compensation: bool = True
-    seed: int = 42  # the visual classifier of task t (from 1) shuffles with seed + t
-
-
-@dataclass
-class Task:
-    """One task: its classes, its training images (train: the epochs; train_eval: no gradient), all seen test images."""
-    classes: range
-    train: typing.Iterable
-    train_eval: typing.Iterable
-    test: typing.Iterable
-
-
-def learn_task(model, lora, tokens, tasks: list[Task], t: int, epochs, classifier, hp: Hyper, amp=None, report=print):
-    """Task t (from 0), the paper's algorithm box (epochs None: search E*); returns its metrics, the grown W and E*."""
-    classes, train, train_eval = tasks[t].classes, tasks[t].train, tasks[t].train_eval
-    seen_tokens = tokens[: classes.stop]
-    report(f"task {t + 1}/{len(tasks)}: classes {classes.start}-{classes.stop - 1}")
-    with pretrained_clip(model):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
-        before = measure_gap(model, train_eval, seen_tokens, amp)
-    row = dict(task=t + 1, classes=[classes.start, classes.stop])
-    trained = False
-    if epochs is None:
-        epochs, trained, row["search"] = search_epochs(model, lora, train, train_eval, tokens, classes, hp.lr,
-                                                       hp.max_epochs, before["s_minus"], hp.alpha, amp, report)
-        report(f"  gap preservation: E* = {epochs} epochs per task")
-    if not trained:
-        for epoch, loss, epoch_lr in finetune(model, lora, train, tokens, classes, hp.lr, epochs, amp):
-            report(f"  epoch {epoch}/{epochs}  loss {loss:.4f}  lr {epoch_lr:.2e}")
-    feats, labels = image_features(model, train_eval, classes, amp)  # one pass serves S+ / S- and the classifier
-    text_seen = text_features(model, seen_tokens, amp)
-    after = modality_gap(feats, text_seen, labels, model.logit_scale.exp().item())
-    if hp.compensation:
-        classifier = train_visual_classifier(classifier, feats, labels, classes, hp.vis_lr, hp.vis_batch_size,
-                                             hp.vis_epochs, hp.seed + t + 1)
-    correct, count = evaluate(model, tasks[t].test, text_seen, classifier, (hp.text_weight, hp.visual_weight), amp)
-    fused = correct[0] if hp.compensation else correct[1]  # without compensation, the text branch decides
-    seen = range(0, classes.stop)
-    row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
-               acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
-               acc_per_task=[accuracy(fused, count, tasks[j].classes) for j in range(t + 1)],
-               gap_before=before, gap_after=after)
-    visual = "n/a" if row["acc_visual"] is None else f"{row['acc_visual']:.2f}"
-    report(f"  acc {row['acc']:.2f}  (text {row['acc_text']:.2f}, visual {visual})  S+ {before['s_plus']:.2f}->"
-           f"{after['s_plus']:.2f}  S- {before['s_minus']:.2f}->{after['s_minus']:.2f} (pre-trained CLIP->trained)")
-    return row, classifier, epochs
-
-
-def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None, report=print):
-    """MG-CLIP over all tasks, on a model fresh from add_lora; yields each task's state, which as `state` continues."""
-    check_contract(model, lora, tokens, tasks, hp, amp, state)
-    if state is None:  # E* is None until the search on task 1 sets it
-        epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
-        state = dict(rows=[], epochs=epochs, classifier=None, lora=[p.detach().to("cpu", copy=True) for p in lora])
-    classifier = load_state(model, lora, tokens, state)[1]
-    torch.set_rng_state(state.get("rng", torch.get_rng_state()))  # a shuffled DataLoader goes on as if never stopped
-    device = model.logit_scale.device.type  # each task outside a caller's autocast (torch 2.1-2.4 refuse one on mps)
-    for t in range(len(state["rows"]), len(tasks)):
-        try:
-            with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else nullcontext():
-                row, classifier, epochs = learn_task(model, lora, tokens, tasks, t, state["epochs"], classifier, hp,
-                                                     amp, report)
-        except BaseException:  # Ctrl-C too: a task that fails leaves the model as the last state
-            set_lora(lora, state["lora"])
-            raise
-        state = dict(rows=state["rows"] + [row], epochs=epochs, lora=[p.detach().to("cpu", copy=True) for p in lora],
-                     classifier=None if classifier is None else classifier.to("cpu", copy=True),
-                     rng=torch.get_rng_state(), taken_on=taken_on(model, tokens, row["classes"][1]))
-        yield state
-
-
-@torch.no_grad()
-def probabilities(model, x, text_feats, classifier, fusion=(1.0, 4.0), amp=None):
-    """One batch's fused probabilities (B, C) over the seen classes (argmax: the prediction), and each branch's."""
-    text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
-    if classifier is None:  # without compensation, the text branch alone predicts
-        return text_logits.softmax(-1), text_logits.softmax(-1), None
-    return fuse_scores(text_logits, vis_logits, fusion), text_logits.softmax(-1), vis_logits.softmax(-1)
+def checked(batches, device: torch.device, classes: range):
+    """The batches as they pass: (normalised float images, int64 labels in `classes`) on `device`. The first batch is
+    checked before any step on it; every batch on the device, reported after the pass (no host sync per batch)."""
+    wrong, loud, n = 0, 0, 0
+    for n, (x, y) in enumerate(batches, 1):
+        if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
+            raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
+                            f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
+        wrong = wrong + ((y < classes.start) | (y >= classes.stop)).sum()
+        loud = loud + (x.abs().amax() > 20)  # normalised pixels lie within about +-3; 0..255 would predict at chance
+        if n == 1:
+            loud = loud + ((x.amin() >= 0) & (x.amax() <= 1))  # 0..1, ToTensor's: never normalised either
+            if bool(loud + wrong):  # one host sync, before any step on the first batch
+                break
+        yield x, y.clamp(classes.start, classes.stop - 1)
+    if n == 0:
+        raise ValueError("the batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
+    if int(loud):
+        raise ValueError(f"{int(loud)} batches of images were never normalised: (x / 255 - mean) / std")
+    if int(wrong):
+        raise ValueError(f"{int(wrong)} labels fall outside classes {classes.start}..{classes.stop - 1}: labels must "
+                         f"be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)")
 
 
 def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
     """Load a state of learn_tasks (or checkpoint.pt) taken on this model and prompts; returns seen classes and W."""
     seen = state["rows"][-1]["classes"][1] if state["rows"] else 0
     saved, now = state.get("taken_on", {}), taken_on(model, tokens, seen)  # {}: before task 1, or before 2026-12
-    differ = [f"{k} {saved[k]} (here: {now[k]})" for k in saved if not math.isclose(saved[k], now[k], rel_tol=1e-9)]
+    differ = [f"{k} {saved[k]} (here: {now[k]})" for k in ("rank", "lora_alpha", "frozen_weights")
+              if k in saved and not math.isclose(saved[k], now[k], rel_tol=1e-9)]
+    prompts = zip(saved.get("prompt_hashes", []), now["prompt_hashes"])
+    differ += [f"the prompt of class {c}" for c, (a, b) in enumerate(prompts) if a != b][:1]
     if differ:
         raise ValueError(f"the state was taken on another model or other prompts: {', '.join(differ)}; load it into "
                          f"the model it was trained on (the same weights, add_lora rank and alpha, and prompts)")
@@ -435,57 +534,13 @@ def taken_on(model, tokens, seen: int) -> dict:
     m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
     weights = sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad).item()
     return dict(rank=m.A.shape[1], lora_alpha=m.scale * m.A.shape[1], frozen_weights=weights,
-                prompts=hash(tuple(tokens[:seen].flatten().tolist())))
+                prompt_hashes=[hash(tuple(prompt)) for prompt in tokens[:seen].tolist()])
 
 
 def finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"non-finite {what} ({value})")
     return value
-
-
-def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None):
-    """Refuse, before any work, what would train nothing or give a silently wrong number; each line says what to do."""
-    modules = [m for m in model.modules() if isinstance(m, LoRAKeyValue)]
-    if {id(p) for p in lora} != {id(p) for m in modules for p in (m.A, m.B)}:  # else: full fine-tuning, or none
-        raise ValueError("lora is what add_lora(model) returned: the LoRA weights of this model, and only those")
-    if [task.classes.start for task in tasks] != [0] + [task.classes.stop for task in tasks[:-1]]:
-        raise ValueError("the tasks cut the class order into consecutive ranges from 0: task 2 starts where 1 stops")
-    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < tasks[-1].classes.stop:
-        raise TypeError(f"tokens are the tokenizer's tensor, tokenize(prompts), with a prompt for every class up to "
-                        f"{tasks[-1].classes.stop - 1}; got a {type(tokens).__name__} of {len(tokens)}")
-    if any(isinstance(b, typing.Iterator) for task in tasks for b in (task.train, task.train_eval, task.test)):
-        raise TypeError("batches are re-iterables (a list, a DataLoader); a generator is empty after one pass")
-    if hp.epochs is None and hp.preservation and len(tasks[0].classes) < 2:
-        raise ValueError("the epoch search needs 2 classes in task 1: S- averages over the other classes")
-    if amp == torch.float16:
-        raise ValueError("fp16 autocast needs a gradient scaler, which fine-tuning has not; use torch.bfloat16 or None")
-    if state is None and any(m.B.any() for m in modules):
-        raise ValueError("LoRA has trained already: start from a model fresh from add_lora, or pass the yielded state")
-    done = [[task.classes.start, task.classes.stop] for task in tasks[:len(state["rows"])]] if state else []
-    if state is not None and [row["classes"] for row in state["rows"]] != done:
-        raise ValueError("the tasks up to the state's last differ from the ones it learned: cut the classes as it did")
-    if state is not None and hp.epochs is not None and state["epochs"] not in (None, hp.epochs):
-        raise ValueError(f"the state's E* is {state['epochs']}, not hp.epochs = {hp.epochs}: drop epochs or start anew")
-
-
-def checked(batches, device: torch.device, classes: range):
-    """The batches as they pass, checked: (normalised float images, int64 labels in `classes`) on `device`."""
-    wrong, n, x = 0, 0, None
-    for n, (x, y) in enumerate(batches, 1):
-        if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
-            raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
-                            f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
-        wrong = wrong + ((y < classes.start) | (y >= classes.stop)).sum()
-        if n == 1 and bool((x.abs().amax() > 20) | (wrong > 0)):  # one host sync, before any step on wrong data
-            break
-        yield x, y.clamp(classes.start, classes.stop - 1)
-    if n == 0:
-        raise ValueError("the batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
-    if n == 1 and x.abs().amax() > 20:  # normalised pixels lie within about +-3; 0..255 would predict at chance
-        raise ValueError(f"the images reach {x.abs().amax().item():.0f}: normalise them, (x / 255 - mean) / std")
-    if int(wrong):
-        raise ValueError(f"{int(wrong)} labels fall outside classes {classes.start}..{classes.stop - 1}: {LABEL_RULE}")
 # ====================================================================================================== END METHOD
 
 
@@ -565,7 +620,7 @@ def unreadable(paths: list[str]) -> tuple[int, list[str]]:
     return len(paths), bad
 
 
-def check_images(files: list[str], workers: int, progress: bool):
+def check_images(files: list[str], workers: int, progress: bool, fix="delete them, or replace them with readable copies"):
     """Every image file's header, read in loader workers before task 1: broken files are named now, not hours later."""
     workers = min(workers, os.cpu_count() or 1) if files else 0  # nothing to check: no worker to start
     loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=workers, collate_fn=unreadable)
@@ -575,8 +630,7 @@ def check_images(files: list[str], workers: int, progress: bool):
             bar.update(count)
             bad += found
     if bad:
-        raise UserError(f"{len(bad)} of the {len(files)} images are unreadable ({', '.join(bad[:3])}); delete them, "
-                        f"or replace them with readable copies")
+        raise UserError(f"{len(bad)} of the {len(files)} images are unreadable ({', '.join(bad[:3])}); {fix}")
 
 
 def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
@@ -615,17 +669,61 @@ class Split(torch.utils.data.Dataset):
         return x, self.labels[idx]
 
 
+class Joined(torch.utils.data.Dataset):
+    """Splits one after another in one index space: the test images of a run continued on new classes."""
+
+    def __init__(self, parts: list[Split]):
+        self.parts, self.labels = parts, torch.cat([part.labels for part in parts])
+        self.starts = numpy.cumsum([0] + [len(part) for part in parts])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, idx):
+        part = numpy.searchsorted(self.starts, idx, side="right") - 1
+        xs, ys = [], []
+        for k in sorted(set(part)):  # an evaluation's indices are in order: each part gives its own run of them
+            x, y = self.parts[k][[int(i - self.starts[k]) for i, p in zip(idx, part) if p == k]]
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+
 @dataclass
 class Benchmark:
     """A class-incremental benchmark: train and test splits and the class names in class order."""
     train: Split
-    test: Split
+    test: Split | Joined
     classnames: list[str]  # in class-order positions: task 1 holds classnames[:n1], ...
     order: list[int]  # the dataset's class index at each position
+    learned_from: list[dict] = field(default_factory=list)  # a continued run: each earlier run's data (learned_from)
 
     def record(self) -> dict:
-        """What identifies the data of a run: its class names in order and its image counts."""
-        return dict(classnames=self.classnames, train_images=len(self.train), test_images=len(self.test))
+        """What identifies the data of a run: its class names in order and its (new) images' counts."""
+        test = self.test.parts[-1] if self.learned_from else self.test
+        return dict(classnames=self.classnames, train_images=len(self.train), test_images=len(test))
+
+
+def continued(cfg, new: Benchmark, earlier: list[dict]) -> Benchmark:
+    """A run that goes on from others: the test images of their classes while their data is there (else none: their
+    tasks' accuracies are null), then the new data's, with the labels after the classes learned before."""
+    names, tests = [], []
+    for part in earlier:
+        own = part["data"]["classnames"]
+        try:
+            old = load_benchmark(Settings(**part["settings"]))
+            gone = old.record() != part["data"]
+        except UserError:
+            gone = True
+        if gone:
+            log.info(f"the test images of classes {len(names)}-{len(names) + len(own) - 1} ({own[0]}, ...) are no "
+                     f"longer at --data-root {part['settings']['data_root']}: their tasks' accuracies are null")
+        test = Split(torch.zeros(0, dtype=torch.long), files=[]) if gone else old.test
+        tests.append(dataclasses.replace(test, labels=test.labels + len(names)))
+        names += own
+    train = dataclasses.replace(new.train, labels=new.train.labels + len(names))
+    test = dataclasses.replace(new.test, labels=new.test.labels + len(names))
+    return Benchmark(train, Joined(tests + [test]), names + new.classnames, new.order, earlier)
 
 
 def download_forbidden(cfg) -> str | None:
@@ -736,22 +834,26 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(path).startswith("._")
 
 
+def skipped_kinds(paths: list[str]) -> str:
+    """'2 .txt, 1 ._*': files counted by extension."""
+    kinds = ["._*" if os.path.basename(p).startswith("._") else Path(p).suffix.lower() or "no extension" for p in paths]
+    return ", ".join(f"{n} {kind}" for kind, n in collections.Counter(kinds).most_common())
+
+
 def folder_split(folder: Path, classes: list[str]) -> Split:
     """Images of folder/<class>/, found as ImageFolder finds them (any extension PIL opens), labelled by position."""
     skipped = []
 
     def keep(path: str) -> bool:
-        image = is_image(path)
-        if not image:
-            skipped.append("._*" if os.path.basename(path).startswith("._") else Path(path).suffix.lower() or "none")
-        return image
+        if not is_image(path):
+            skipped.append(path)
+        return is_image(path)
     try:
         found = make_dataset(str(folder), {name: pos for pos, name in enumerate(classes)}, is_valid_file=keep)
     except FileNotFoundError as e:
         raise UserError(f"{folder}: {e} (read: the files PIL opens)") from None
     if skipped:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in collections.Counter(skipped).most_common())
-        log.info(f"skipped what PIL does not open under {folder}: {kinds}")
+        log.info(f"skipped what PIL does not open under {folder}: {skipped_kinds(skipped)}")
     found.sort(key=lambda item: (item[1], item[0]))
     return Split(torch.tensor([pos for _, pos in found]), files=[path for path, _ in found])
 
@@ -945,7 +1047,10 @@ class Settings:
     workers: int = arg(4, RUN, "data-loader processes that decode and resize images; 0: in the main process", low=0)
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
     out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
-    resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)")
+    resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)", metavar="RUN")
+    continue_from: str | None = arg(None, RUN, "teach the finished run in RUN new classes: those of --dataset and "
+                                    "--data-root (in --tasks, default 1), into a new --out (default: RUN+<data folder>)",
+                                    metavar="RUN")
     zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images before and after the "
                                     "run: what it retains", choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
@@ -985,9 +1090,15 @@ def number(kind, low=None, above=None, high=None):
     return parse
 
 
+USAGE = """mgclip.py [--dataset NAME] [--data-root DIR] [--tasks T] [FLAG ...]   learn a benchmark, task after task
+       mgclip.py --resume RUN [FLAG ...]                                  finish an interrupted run
+       mgclip.py --continue-from RUN --dataset folder --data-root NEW      teach a finished run new classes
+       mgclip.py --predict RUN PATH [PATH ...] [--top-k K]                classify images with a finished run"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
-    parser = Parser(description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
+    parser = Parser(usage=USAGE, description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
                     "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                     epilog="environment: HF_HUB_OFFLINE=1 never downloads (as --no-download); HF_HOME is where the "
                     "weights are cached; HF_ENDPOINT names a hub mirror; OMP_NUM_THREADS=1 speeds up CPU runs on "
@@ -1010,7 +1121,8 @@ def build_parser() -> argparse.ArgumentParser:
             if f.name in CIFAR100:
                 default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
             kind = number(kind, **meta) if kind in (int, float) else kind  # argparse's metavar: NAME, or {choices}
-            group.add_argument(flag, type=kind, choices=meta.get("choices"), help=text + default)
+            group.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"),
+                               help=text + default)
     return parser
 
 
@@ -1035,17 +1147,21 @@ def parse_settings(argv=None) -> Settings:
         wanted, fix = typed, "drop those flags to continue that run, or start a new one with another --out"
     else:
         check_typed(typed)
-        cfg = Settings(**typed)
+        cfg = continued_settings(typed) if "continue_from" in typed else Settings(**typed)
         for key, value in DATASET_DEFAULTS[cfg.dataset].items():  # what the command line left open
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if cfg.pretrained is None:
             cfg.pretrained = "none" if cfg.model == "tiny" else "openai"
         check_settings(cfg)
+        if cfg.out is None and cfg.continue_from:  # beside RUN, named after it and the new data
+            cfg.out = f"{cfg.continue_from.rstrip('/')}+{Path(cfg.data_root).resolve().name}"
         if cfg.out is None:
             suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
             suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run has a folder of its own
             cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
+        if cfg.continue_from:
+            check_new_classes(cfg)
         if not (Path(cfg.out) / "checkpoint.pt").is_file():
             return cfg
         out, wanted = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
@@ -1059,6 +1175,47 @@ def parse_settings(argv=None) -> Settings:
     cfg = Settings(**{**{k: v for k, v in saved.items() if k in known}, **typed, "out": out, "resume": out})
     check_settings(cfg)
     return cfg
+
+
+# What --continue-from takes: the new data and where the run goes; RUN's model, prompt and hyperparameters go on.
+NEW_DATA = {"dataset", "data_root", "tasks", "initial_increment", "class_order", "split_file", "syn_classes",
+            "syn_train", "syn_test", "syn_size", "continue_from", *FREE_ON_RESUME}
+
+
+def continued_settings(typed: dict) -> Settings:
+    """--continue-from RUN: RUN's settings but for the new data's flags (--tasks default 1); a flag that would change
+    what RUN learned with is refused, naming it."""
+    run = typed["continue_from"]
+    saved = load_checkpoint(run, "--continue-from")
+    names = saved.get("data", {}).get("classnames")
+    if not names:
+        raise UserError(f"--continue-from {run}: its checkpoint.pt names no classes (a run before 2026-11)")
+    if saved["rows"][-1]["classes"][1] < len(names):
+        raise UserError(f"--continue-from {run}: that run has not finished ({len(saved['rows'])} of "
+                        f"{saved['settings']['tasks']} tasks); finish it with --resume {run} first")
+    kept = {k: v for k, v in saved["settings"].items() if k not in NEW_DATA}
+    changed = [k for k in sorted(typed.keys() & kept.keys()) if typed[k] != kept[k]]
+    if changed:
+        differ = ", ".join(f"{as_typed(k, typed[k])} (the run: {as_typed(k, kept[k])})" for k in changed)
+        raise UserError(f"--continue-from {run} goes on with that run's model, prompt and hyperparameters: {differ}; "
+                        f"drop those flags")
+    return Settings(**{**kept, "tasks": 1, **typed})
+
+
+def check_new_classes(cfg: Settings):
+    """Before anything is written: the new data holds classes RUN has not learned, and only those, in --tasks."""
+    learned = {name.lower() for name in load_checkpoint(cfg.continue_from)["data"]["classnames"]}
+    new = load_benchmark(cfg).classnames  # loaded again by the run: here, nothing is written yet
+    if all(name.lower() in learned for name in new):
+        raise UserError(f"--data-root {cfg.data_root} holds no class that {cfg.continue_from} has not learned; give "
+                        f"the new classes' data")
+    again = next((name for name in new if name.lower() in learned), None)
+    if again:
+        raise UserError(f"{cfg.continue_from} has learned '{again}' already; take its folder out of --data-root "
+                        f"{cfg.data_root} (a class is learned once)")
+    split_tasks(len(new), cfg.tasks, cfg.initial_increment)
+    if Path(cfg.out).resolve() == Path(cfg.continue_from).resolve():
+        raise UserError(f"--out {cfg.out} is the run it continues, which is read, never written; give another --out")
 
 
 def as_typed(key: str, value) -> str:
@@ -1109,6 +1266,11 @@ def check_settings(cfg: Settings):
     if cfg.zeroshot_eval not in (None, "synthetic") and not cfg.zeroshot_root:
         raise UserError(f"--zeroshot-eval {cfg.zeroshot_eval} needs --zeroshot-root DIR, the folder of its data "
                         f"(Food-101 is downloaded there when missing)")
+
+
+def hyper(cfg: Settings) -> Hyper:
+    """The method's hyperparameters of a run: the Settings fields of the same names."""
+    return Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
 
 
 def variant(cfg: Settings) -> str:
@@ -1208,7 +1370,8 @@ class Feed:
     """One split's DataLoader for the whole run; `clock` sums the seconds and images of the passes per phase."""
 
     def __init__(self, split: Split, clip: Clip, clock: dict, workers: int, progress: bool):
-        workers = min(workers, os.cpu_count() or 1) if split.files is not None or split.transform else 0
+        decoded = any(s.files is not None or s.transform for s in getattr(split, "parts", [split]))
+        workers = min(workers, os.cpu_count() or 1) if decoded else 0
         self.order = []  # the loader's sampler: the index batches of the pass about to start, set in place
         self.loader = torch.utils.data.DataLoader(
             split, sampler=self.order, batch_size=None, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
@@ -1306,23 +1469,31 @@ def set_up(cfg: Settings) -> Run:
         if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use tf32 (default)")
     data = load_benchmark(cfg)
-    ranges = split_tasks(len(data.classnames), cfg.tasks, cfg.initial_increment)
+    if cfg.continue_from:
+        data = continued(cfg, data, learned_from(cfg))
+    first = sum(len(part["data"]["classnames"]) for part in data.learned_from)  # learned by the runs before
+    before = sum(part["settings"]["tasks"] for part in data.learned_from)
+    ranges = [range(first + r.start, first + r.stop)
+              for r in split_tasks(len(data.classnames) - first, cfg.tasks, cfg.initial_increment)]
     zcfg = dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None, split_file=None,
                                data_root=cfg.zeroshot_root or cfg.data_root)  # any --dataset, or food101
     zeroshot = load_benchmark(zcfg) if cfg.zeroshot_eval else None
-    splits = [data.train, data.test] + ([zeroshot.test] if zeroshot else [])
+    splits = [data.train, *getattr(data.test, "parts", [data.test])] + ([zeroshot.test] if zeroshot else [])
     progress = cfg.progress or sys.stderr.isatty()
     check_images([file for split in splits if split.files for file in split.files], cfg.workers, progress)
     if cfg.model != "tiny":
         settle_offline(cfg)  # after the data: it only decides how the weights and a hub tokenizer load
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
+    if cfg.pretrained == "none":
+        log.info("a random-init CLIP (--pretrained none): zero-shot is chance, the text branch may sit below it, and "
+                 "which ablation wins means nothing")
     if device.type == "cpu" and cfg.device == "auto" and cfg.model != "tiny":
         log.info(f"warning: no usable GPU found: {cfg.model} runs on the CPU, days for a benchmark (README, Set up)")
     for split in splits:
         stored = split.files is None and split.pixels.shape[-2:] == (clip.image_size,) * 2
         split.transform = None if stored else clip.transform  # files and other sizes: resized in the loader workers
     try:
-        lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+        lora = add_lora(clip.model, hyper(cfg))
     except ValueError as e:
         raise UserError(f"--model {cfg.model}: {e}") from None
     tokens = clip.tokenize([cfg.prompt.format(name) for name in data.classnames])
@@ -1330,13 +1501,14 @@ def set_up(cfg: Settings) -> Run:
     train = Feed(data.train, clip, clock, cfg.workers, progress)
     test = Feed(data.test, clip, clock, cfg.workers, progress)
     tasks = []
-    for t, classes in enumerate(ranges):
-        log.info(f"task {t + 1} learns {', '.join(data.classnames[classes.start: classes.stop])}")
-        tasks.append(Task(classes, Batches(train, classes, cfg.batch_size, "train", seed=cfg.seed + t + 1),
+    for t, classes in enumerate(ranges, before + 1):  # task t shuffles with seed + t, as in one run of all the tasks
+        log.info(f"task {t} learns {', '.join(data.classnames[classes.start: classes.stop])}")
+        tasks.append(Task(classes, Batches(train, classes, cfg.batch_size, "train", seed=cfg.seed + t),
                           Batches(train, classes, cfg.eval_batch_size, "features"),
                           Batches(test, range(0, classes.stop), cfg.eval_batch_size, "eval")))
-    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames)} classes ({len(data.train)} training "
-             f"images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
+    after = f" after the {first} of {cfg.continue_from}" if first else ""
+    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames) - first} classes{after} ({len(data.train)} "
+             f"training images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
     log.info(f"prompts as '{cfg.prompt.format(data.classnames[0])}'")
     return Run(data, clip, lora, tokens, tasks, zeroshot, clock, set_precision(device, cfg.precision), progress)
@@ -1371,10 +1543,14 @@ def run(cfg: Settings) -> dict:
         state = resume_state(r, out) if cfg.resume else None
         if state is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)
-        else:
+        if state is None and cfg.continue_from:  # RUN's last state, read and never written: its tasks stay its own
+            state = {k: v for k, v in load_checkpoint(cfg.continue_from).items() if k not in ("clock", "wall_seconds")}
+            log.info(f"continuing {cfg.continue_from}: {len(state['rows'])} tasks learned, classes 0-"
+                     f"{state['rows'][-1]['classes'][1] - 1}")
+        elif state is not None:
             started -= state.get("wall_seconds", 0.0)  # the wall time of the sessions before
             write_json(out / "settings.json", settings)  # after the checks: a refused resume leaves it as it was
-        hp = Hyper(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Hyper)})
+        hp = hyper(cfg)
         tick = time.perf_counter()
         try:
             for state in learn_tasks(r.clip.model, r.lora, r.tokens, r.tasks, hp, r.amp, state, log.info):
@@ -1402,6 +1578,9 @@ def summary_line(summary: dict) -> str:
     epochs = "E*" if summary["epochs_searched"] else "epochs per task"
     line = (f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs} "
             f"{summary['epochs_star']}  {summary['seconds_total']:.1f}s")
+    if summary.get("untested"):  # a continued run whose earlier data is gone
+        classes = ", ".join(f"{a}-{b - 1}" for a, b in summary["untested"])
+        line += f"  (without classes {classes}: their test images are gone)"
     z = summary.get("zeroshot")
     if z:
         kept = 100 * (z["retained"] or 0)
@@ -1425,7 +1604,8 @@ def run_record(device: str) -> dict:
 
 def save_task(out: Path, state: dict, r: Run, cfg: Settings):
     """After each task: checkpoint.pt (state, settings, data, clock), then metrics.jsonl, each replaced atomically."""
-    checkpoint = dict(state, settings=dataclasses.asdict(cfg), data=r.data.record(), clock=r.clock)
+    checkpoint = dict(state, settings=asdict(cfg), data=r.data.record(), learned_from=r.data.learned_from,
+                      clock=r.clock)
     try:  # the checkpoint first: metrics.jsonl is rewritten from it on resume, never the other way round
         replace_atomically(out / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
         write_json(out / "metrics.jsonl", state["rows"], lines=True)
@@ -1433,6 +1613,16 @@ def save_task(out: Path, state: dict, r: Run, cfg: Settings):
         reason = textwrap.shorten(getattr(e, "strerror", None) or str(e), 80, placeholder=" ...")
         raise UserError(f"cannot save task {len(state['rows'])} in {out} ({reason}); is the disk full? The "
                         f"checkpoint of the tasks before is intact: free space, then --resume {out}") from None
+
+
+def learned_from(cfg: Settings) -> list[dict]:
+    """The data of the runs a continued run goes on from, oldest first: each one's settings and its own classes."""
+    if cfg.resume and (Path(cfg.out) / "checkpoint.pt").is_file():
+        return load_checkpoint(cfg.out)["learned_from"]
+    saved = load_checkpoint(cfg.continue_from, "--continue-from")
+    earlier = saved.get("learned_from", [])
+    own = saved["data"]["classnames"][sum(len(part["data"]["classnames"]) for part in earlier):]
+    return earlier + [dict(settings=saved["settings"], data=dict(saved["data"], classnames=own))]
 
 
 def resume_state(r: Run, out: Path) -> dict:
@@ -1452,39 +1642,40 @@ def resume_state(r: Run, out: Path) -> dict:
 def predict_images(cfg: Settings):
     """--predict RUN PATH...: the run's CLIP with the LoRA and the classifier of its last finished task; prints a line
     per image: its path, then its top-k classes, each with its fused probability, tab-separated, highest first."""
-    state = load_checkpoint(cfg.predict[0], "--predict")
+    out = cfg.predict[0]
+    state = load_checkpoint(out, "--predict")
     names = state.get("data", {}).get("classnames")  # checkpoints before 2026-11 lack them
     if not names:
-        raise UserError(f"--predict {cfg.predict[0]}: its checkpoint.pt names no classes (a run before 2026-11)")
-    files = []
-    for path in cfg.predict[1:]:  # files as given, folders read as training reads them (sorted, subfolders)
-        if not os.path.exists(path):
-            raise UserError(f"--predict: {path} does not exist; give image files or folders of them")
-        found = [path] if os.path.isfile(path) else [os.path.join(top, name) for top, _, fnames in
-                                                     os.walk(path, followlinks=True) for name in fnames]
-        files += sorted(f for f in found if f == path or is_image(f))
-    if not files:
-        raise UserError(f"--predict: no image in {', '.join(cfg.predict[1:])} (read: the files PIL opens)")
-    check_images(files, cfg.workers, cfg.progress)
+        raise UserError(f"--predict {out}: its checkpoint.pt names no classes (a run before 2026-11)")
+    files = images_to_predict(cfg.predict[1:])
+    check_images(files, cfg.workers, cfg.progress, "give only images that PIL reads")
+    seen = state["rows"][-1]["classes"][1]
+    planned = sum(part["settings"]["tasks"] for part in state.get("learned_from", [])) + cfg.tasks
+    finished = f"task {len(state['rows'])} of {planned}"
+    if still_training(out):
+        finished += " (it is still training)"
+    elif seen < len(names):
+        finished += f" (it stopped there: --resume {out} finishes it)"
+    print(f"mgclip: predicting with {out} after {finished}: ranking {seen} of its {len(names)} classes", file=sys.stderr)
+    if cfg.top_k > seen:
+        print(f"mgclip: --top-k {cfg.top_k} is more than the {seen} classes: printing {seen}", file=sys.stderr)
     device = pick_device(cfg.device)
     if cfg.model != "tiny":
         settle_offline(cfg)
     clip = load_clip(cfg.model, cfg.pretrained, device, cfg.seed)
-    lora = add_lora(clip.model, cfg.lora_rank, cfg.lora_alpha)
+    lora = add_lora(clip.model, hyper(cfg))
     tokens = clip.tokenize([cfg.prompt.format(name) for name in names])
     try:
-        seen, classifier = load_state(clip.model, lora, tokens, state)
+        classify = predictor(clip.model, lora, tokens, state, set_precision(device, cfg.precision))
     except ValueError as e:
         raise UserError(f"--predict {cfg.predict[0]}: {e}") from None
-    amp = set_precision(device, cfg.precision)
-    text_feats = text_features(clip.model, tokens[:seen], amp)
     split = Split(torch.zeros(len(files), dtype=torch.long), files=files, transform=clip.transform)
     batches = Batches(Feed(split, clip, {}, cfg.workers, cfg.progress), range(1), cfg.eval_batch_size, "predict")
     done = 0
     try:
         for x, _ in batches:
-            fused = probabilities(clip.model, x, text_feats, classifier, (cfg.text_weight, cfg.visual_weight), amp)[0]
-            top = fused.topk(min(cfg.top_k, seen))
+            fused = classify(x)[0]
+            top = fused.topk(min(cfg.top_k, fused.shape[1]))
             for path, values, indices in zip(files[done:], top.values.tolist(), top.indices.tolist()):
                 print("\t".join([path] + [f"{names[c]}\t{p:.4f}" for c, p in zip(indices, values)]))
             done += len(x)
@@ -1492,10 +1683,57 @@ def predict_images(cfg: Settings):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def images_to_predict(paths: list[str]) -> list[str]:
+    """The image files given, and those under the folders given, found as training finds them (sorted, subfolders)."""
+    files = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"--predict: {path} does not exist; give image files or folders of them")
+        if os.path.isfile(path) and not is_image(path):
+            raise UserError(f"--predict: {path} is no image that PIL opens ({skipped_kinds([path])}); give images")
+        found = [path] if os.path.isfile(path) else [os.path.join(top, name) for top, _, fnames in
+                                                     os.walk(path, followlinks=True) for name in fnames]
+        others = [f for f in found if not is_image(f)]
+        if others:
+            print(f"mgclip: skipped what PIL does not open under {path}: {skipped_kinds(others)}", file=sys.stderr)
+        files += sorted(f for f in found if is_image(f))
+    if not files:
+        raise UserError(f"--predict: no image in {', '.join(paths)} (read: the files PIL opens)")
+    return files
+
+
+def still_training(out: str) -> bool:
+    """Whether a run holds the lock of its folder now (a process that ends, crash or not, drops it)."""
+    try:
+        with open(Path(out) / ".lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: no run ever wrote there
+        return False
+    return False
+
+
 def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
     """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
     correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
     return accuracy(correct[1], count, range(len(tokens)))
+
+
+def continual_metrics(acc: list, matrix: list[list]) -> dict:
+    """From a[t][j], task j's accuracy after task t (None: not measured, left out): Avg = mean of acc_t, Last = acc_T,
+    forgetting = mean over j < T of max_{j<=t<T} a[t][j] - a[T][j], backward transfer = mean of a[T][j] - a[j][j]."""
+    T, drops, transfers = len(acc), [], []
+    for j in range(T - 1):
+        earlier = [matrix[t][j] for t in range(j, T - 1) if matrix[t][j] is not None]
+        if matrix[T - 1][j] is not None and matrix[j][j] is not None:
+            drops.append(max(earlier) - matrix[T - 1][j])
+            transfers.append(matrix[T - 1][j] - matrix[j][j])
+    return dict(avg=mean([a for a in acc if a is not None]), last=acc[-1], forgetting=mean(drops), bwt=mean(transfers))
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) -> dict:
@@ -1509,7 +1747,8 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
                    acc=[row["acc"] for row in rows], acc_matrix=[row["acc_per_task"] for row in rows],
                    acc_text=[row["acc_text"] for row in rows], acc_visual=[row["acc_visual"] for row in rows],
                    gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows],
-                   s_minus_0=rows[0]["gap_before"]["s_minus"], search=rows[0].get("search", []))
+                   s_minus_0=rows[0]["gap_before"]["s_minus"], search=rows[0].get("search", []),
+                   untested=[row["classes"] for row, a in zip(rows, rows[-1]["acc_per_task"]) if a is None])
     if r.zeroshot:
         z = r.zeroshot
         tokens = r.clip.tokenize([cfg.prompt.format(name) for name in z.classnames])
@@ -1548,8 +1787,8 @@ def load_checkpoint(out: str, flag: str = "--resume") -> dict:
     """The state saved after the last finished task of the run in OUT."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file() and (Path(out) / "settings.json").is_file():
-        raise UserError(f"{flag} {out}: no task of that run has finished yet, so there is nothing to {flag[2:]}; run "
-                        f"its command again (it starts afresh)")
+        fix = "wait for its first task" if still_training(out) else "run its command again (it starts afresh)"
+        raise UserError(f"{flag} {out}: no task of that run has finished yet, so there is nothing to {flag[2:]}; {fix}")
     if not path.is_file():
         raise UserError(f"{flag} {out}: no checkpoint.pt there; give the --out folder of an earlier run")
     try:

@@ -1,6 +1,7 @@
 """Checks of mgclip.py on a tiny synthetic benchmark and tiny files written here; never touches the network."""
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -123,7 +124,7 @@ def test_lora_leaves_the_model_unchanged_at_start_and_counts():
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     with torch.no_grad():
         before = clip.model.encode_image(images), clip.model.encode_text(tokens)
-        lora = M.add_lora(clip.model, rank=8, lora_alpha=1.0)
+        lora = M.add_lora(clip.model, M.Hyper(lora_rank=8, lora_alpha=1.0))
         after = clip.model.encode_image(images), clip.model.encode_text(tokens)
     # B = 0 adds exact zeros; only the kernel choice (fused vs. plain attention) may move the last bits
     assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
@@ -349,8 +350,8 @@ def test_method_functions_take_no_settings():
     import inspect
     for fn in (M.add_lora, M.finetune, M.search_epochs, M.modality_gap, M.measure_gap, M.text_features,
                M.image_features, M.train_visual_classifier, M.fuse_scores, M.evaluate, M.split_tasks,
-               M.continual_metrics, M.accuracy, M.load_clip, M.learn_task, M.learn_tasks, M.probabilities,
-               M.load_state, M.check_contract, M.checked):
+               M.continual_metrics, M.accuracy, M.load_clip, M.learn_task, M.learn_tasks, M.predictor,
+               M.load_state, M.check_contract, M.checked, M.check_model, M.check_hyper):
         for p in inspect.signature(fn).parameters.values():
             assert "Settings" not in str(p.annotation) and p.name != "cfg", (fn.__name__, p.name)
 
@@ -748,7 +749,7 @@ def test_readme_commands_parse():
     text = (HERE / "README.md").read_text().replace("\\\n", " ")
     commands = [shlex.split(c.split("#")[0])[2:] for c in re.findall(r"python mgclip\.py [^`\n]*", text)]
     commands += [shlex.split(c) for c in re.findall(r"`(--dataset [^`]*)`", text)]
-    needs_a_run = {"--help", "--version", "--resume", "--predict"}
+    needs_a_run = {"--help", "--version", "--resume", "--predict", "--continue-from"}
     commands = [c for c in commands if c and "..." not in c and not needs_a_run & set(c)]
     assert len(commands) >= 10
     for argv in commands:
@@ -1015,8 +1016,8 @@ def test_the_method_block_runs_alone_and_gives_the_numbers_of_run(synthetic_run)
     exec(compile(method_block(), "copied_method.py", "exec"), copied)
     assert not {"UserError", "log", "Settings", "Run", "Feed", "Batches", "M", "numpy", "os"} & set(copied)
     clip, tokens, tasks = synthetic_tasks(copied["Task"])
-    lora = copied["add_lora"](clip.model, rank=8, lora_alpha=1.0)
     hp = copied["Hyper"](lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    lora = copied["add_lora"](clip.model, hp)
     states = copied["learn_tasks"](clip.model, lora, tokens, tasks, hp, report=lambda line: None)
     first_two = [next(states), next(states)][-1]["rows"]
     expected = [json.loads(line) for line in (synthetic_run[0] / "metrics.jsonl").read_text().splitlines()][:2]
@@ -1098,19 +1099,28 @@ def test_a_state_loads_only_into_the_model_and_prompts_it_was_taken_on():
     lora = M.add_lora(clip.model)
     hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
     state = next(M.learn_tasks(clip.model, lora, tokens, tasks, hp, report=lambda line: None))
-    assert state["taken_on"]["rank"] == 8 and state["taken_on"]["lora_alpha"] == 1.0
+    assert state["taken_on"]["rank"] == 8 and state["taken_on"]["lora_alpha"] == 1.0 and state["hyper"]["lr"] == 1e-2
     others = {"lora_alpha 1.0 \\(here: 16.0\\)": (0, dict(lora_alpha=16.0), tokens),
-              "rank 8 \\(here: 4\\)": (0, dict(rank=4), tokens),
+              "rank 8 \\(here: 4\\)": (0, dict(lora_rank=4), tokens),
               "frozen_weights": (1, {}, tokens),  # other base weights of the same shapes
-              "prompts": (0, {}, tokens.flip(0))}
+              "the prompt of class 3;": (0, {}, torch.cat([tokens[:3], tokens[4:5].flip(-1), tokens[4:]])),
+              "the prompt of class 0;": (0, {}, tokens.flip(0))}
     for named, (seed, lora_args, prompts) in others.items():
         other = M.load_clip("tiny", "none", torch.device("cpu"), seed=seed)
-        other_lora = M.add_lora(other.model, **lora_args)
+        other_hp = dataclasses.replace(hp, **lora_args)
+        other_lora = M.add_lora(other.model, other_hp)
         with pytest.raises(ValueError, match=f"taken on another model or other prompts: .*{named}"):
-            next(M.learn_tasks(other.model, other_lora, prompts, tasks, hp, state=state))
-    with pytest.raises(ValueError, match="the state's E\\* is 1, not hp.epochs = 4"):
-        next(M.learn_tasks(clip.model, lora, tokens, tasks, M.Hyper(epochs=4), state=state))
-    with pytest.raises(ValueError, match="the tasks up to the state's last differ"):
+            M.load_state(other.model, other_lora, prompts, state)
+        if not lora_args:  # another rank or alpha is another hp, refused as such first
+            with pytest.raises(ValueError, match=f"taken on another model or other prompts: .*{named}"):
+                next(M.learn_tasks(other.model, other_lora, prompts, tasks, other_hp, state=state))
+    for change, named in ((dict(epochs=4), "epochs 4 \\(the state: None\\)"), (dict(lr=0.5), "lr 0.5 \\(the state: 0.01\\)"),
+                          (dict(compensation=False), "compensation False \\(the state: True\\)")):
+        with pytest.raises(ValueError, match=f"the state learned with other hyperparameters: {named}"):
+            next(M.learn_tasks(clip.model, lora, tokens, tasks, dataclasses.replace(hp, **change), state=state))
+    with pytest.raises(ValueError, match="another rank or alpha than hp's"):
+        next(M.learn_tasks(clip.model, lora, tokens, tasks, dataclasses.replace(hp, lora_rank=4), state=state))
+    with pytest.raises(ValueError, match="consecutive ranges from 5, where the state stops"):
         other_split = [M.Task(range(0, 4), tasks[0].train, tasks[0].train_eval, tasks[0].test),
                        M.Task(range(4, 10), tasks[1].train, tasks[1].train_eval, tasks[1].test)] + tasks[2:]
         next(M.learn_tasks(clip.model, lora, tokens, other_split, hp, state=state))
@@ -1123,21 +1133,29 @@ def test_images_far_outside_the_normalised_range_are_refused_on_the_first_batch(
     lora = M.add_lora(clip.model)
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     raw = [(torch.randint(0, 256, (4, 3, 32, 32)).float(), torch.tensor([0, 1, 0, 1]))]  # 0..255, not normalised
-    with pytest.raises(ValueError, match="the images reach 25[0-5]: normalise them"):
-        next(M.finetune(clip.model, lora, raw, tokens, range(0, 2), 1e-2, 1))
-    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # before any step
-    with pytest.raises(ValueError, match="normalise them"):
-        M.evaluate(clip.model, raw, M.text_features(clip.model, tokens), None)
+    unit = [(raw[0][0] / 255, raw[0][1])]  # 0..1: ToTensor's output, never normalised either
+    for batches in (raw, unit):
+        with pytest.raises(ValueError, match="1 batches of images were never normalised: \\(x / 255 - mean\\) / std"):
+            next(M.finetune(clip.model, lora, batches, tokens, range(0, 2), 1e-2, 1))
+        assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # before any step
+        with pytest.raises(ValueError, match="never normalised"):
+            M.evaluate(clip.model, batches, M.text_features(clip.model, tokens), None)
+    good = tiny_batches(clip)
+    later = good + raw + good  # every batch is checked, on the device: refused at the end of the pass
+    with pytest.raises(ValueError, match="^1 batches of images were never normalised"):
+        next(M.finetune(clip.model, lora, later, tokens, range(0, 2), 1e-2, 1))
+    with pytest.raises(ValueError, match="^2 batches of images were never normalised"):
+        M.image_features(clip.model, later + raw, range(0, 2))
 
 
 def test_a_task_that_fails_leaves_the_model_as_the_last_yielded_state():
     clip, tokens, tasks = synthetic_tasks(M.Task)
     x, y = next(iter(tasks[1].train_eval))
-    tasks[1].test = [(x, y)]  # task 2's test images lack task 1's classes: refused only after task 2 trained
+    tasks[1].test = [(x, y), (x * 0 + 200, y)]  # a later test batch of 0..255 images: refused after task 2 trained
     lora = M.add_lora(clip.model)
     states = M.learn_tasks(clip.model, lora, tokens, tasks, M.Hyper(lr=1e-2, epochs=1), report=lambda line: None)
     first = next(states)
-    with pytest.raises(ValueError, match="no test image of classes 0..4"):
+    with pytest.raises(ValueError, match="1 batches of images were never normalised"):
         next(states)
     assert all(torch.equal(p, saved) for p, saved in zip(lora, first["lora"]))
 
@@ -1584,8 +1602,7 @@ def test_the_method_refuses_what_would_silently_miscount():
     tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
     batches = tiny_batches(clip)  # labels 0, 1
     x, y = batches[0]
-    with pytest.raises(ValueError, match="no test image of classes 2..3"):  # 0% would read as forgetting
-        M.accuracy(torch.ones(4), torch.tensor([2.0, 2.0, 0.0, 0.0]), range(2, 4))
+    assert M.accuracy(torch.ones(4), torch.tensor([2.0, 2.0, 0.0, 0.0]), range(2, 4)) is None  # 0% would be forgetting
     with pytest.raises(ValueError, match="the batches are empty"):
         next(M.finetune(clip.model, lora, [], tokens, range(0, 2), 1e-2, 3))
     with pytest.raises(ValueError, match="one value per LoRA weight"):
@@ -1599,14 +1616,14 @@ def test_the_method_refuses_what_would_silently_miscount():
             with pytest.raises(TypeError, match="a batch is \\(float images as the model takes them, int64 labels"):
                 call()
     task = M.Task(range(0, 2), batches, batches, batches)
-    with pytest.raises(ValueError, match="fp16 autocast needs a gradient scaler"):
+    with pytest.raises(ValueError, match="fp16 needs a scaler"):
         next(M.learn_tasks(clip.model, lora, tokens, [task], M.Hyper(), torch.float16))
     assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # nothing trained
     for lora_given, tasks, prompts, named in (
             (list(clip.model.parameters()), [task], tokens, "what add_lora\\(model\\) returned"),  # full fine-tuning
             (lora, [task, M.Task(range(4, 6), batches, batches, batches)], tokens, "consecutive ranges from 0"),
-            (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3; got a Tensor of 2"),
-            (lora, [task], ["a good photo of a kalo.", "a good photo of a zuter."], "the tokenizer's tensor")):
+            (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3, not 2"),
+            (lora, [task], ["a good photo of a kalo.", "a good photo of a zuter."], "tokens are tokenize\\(prompts\\)")):
         with pytest.raises((ValueError, TypeError), match=named):
             next(M.learn_tasks(clip.model, lora_given, prompts, tasks, M.Hyper()))
     with M.pretrained_clip(clip.model) as pretrained:
@@ -2152,25 +2169,199 @@ def test_predict_failures_are_one_line(folder_run, tmp_path):
     assert "lora_alpha 1.0 (here: 2.0)" in fail(["--predict", str(other), str(root / "val")])
 
 
-def test_the_blocks_probabilities_classify_a_batch_as_evaluate_does():
-    """README's few lines: a yielded state into a model built afresh, load_state, text_features, probabilities."""
+def test_the_blocks_predictor_classifies_a_batch_as_evaluate_does():
+    """README's few lines: a yielded state into a model built afresh, predictor, and a batch's probabilities."""
     clip, tokens, tasks = synthetic_tasks(M.Task)
-    lora = M.add_lora(clip.model)
-    hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
-    state = list(M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, report=lambda line: None))[-1]
+    hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0, text_weight=2.0)
+    lora = M.add_lora(clip.model, hp)
+    states = list(M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, report=lambda line: None))
     fresh = M.load_clip("tiny", "none", torch.device("cpu"), seed=0).model
-    seen, classifier = M.load_state(fresh, M.add_lora(fresh), tokens, state)
-    text = M.text_features(fresh, tokens[:seen])
+    fresh_lora = M.add_lora(fresh, hp)
+    classify = M.predictor(fresh, fresh_lora, tokens, states[-1])
+    first = M.predictor(fresh, fresh_lora, tokens, states[0])  # another state's: it loads its own LoRA each batch
     right, images = 0, 0
     for x, y in tasks[1].test:
-        fused, p_text, p_visual = M.probabilities(fresh, x, text, classifier)
+        assert first(x)[0].shape == (len(x), 5)
+        fused, p_text, p_visual = classify(x)
         assert fused.shape == p_text.shape == p_visual.shape == (len(x), 10)
         assert torch.allclose(fused.sum(-1), torch.ones(len(x))) and torch.allclose(p_text.sum(-1), torch.ones(len(x)))
         right += (fused.argmax(-1) == y).sum().item()
         images += len(y)
-    assert 100 * right / images == state["rows"][-1]["acc"]  # the fused argmax is the run's prediction
-    fused, p_text, p_visual = M.probabilities(fresh, x, text, None)  # no classifier: the text branch alone
+    assert 100 * right / images == states[-1]["rows"][-1]["acc"]  # the fused argmax is the run's, with its fusion
+    without = dict(states[-1], classifier=None)  # no classifier: the text branch alone
+    fused, p_text, p_visual = M.predictor(fresh, fresh_lora, tokens, without)(x)
     assert p_visual is None and torch.equal(fused, p_text)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file and folder under `folder`: its bytes (None for a folder) and its mtime in ns."""
+    return {p.relative_to(folder): (None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def no_run(argv, folder, smoke):
+    """launch() where nothing may run."""
+    raise AssertionError(f"--report-only ran {folder}")
+
+
+def fake_launch(argv, folder, smoke):
+    """mgclip.py as a stub: a finished run's summary.json and metrics.jsonl, made up from the seed (no compensation:
+    no visual branch)."""
+    seed = int(argv[argv.index("--seed") + 1])
+    tasks = int(argv[argv.index("--tasks") + 1])
+    step = 100 // tasks if tasks == 10 else 10
+    acc = [95.0 - 2 * t + seed % 3 for t in range(tasks)]
+    visual = [None] * tasks if "--no-compensation" in argv else [a - 1 for a in acc]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(dict(task=t + 1, classes=[t * step, (t + 1) * step]))
+                                                  + "\n" for t in range(tasks)))
+    (folder / "summary.json").write_text(json.dumps(dict(
+        avg=sum(acc) / tasks, last=acc[-1], forgetting=3.0, bwt=-2.0, acc=acc, acc_text=[a - 5 for a in acc],
+        acc_visual=visual, epochs_star=1, seconds_total=10.0, device="cuda:0", config=dict(precision="tf32"))))
+    return ""
+
+
+def test_paper_report_only_rebuilds_the_table_and_touches_no_run_folder(smoke, tmp_path, monkeypatch):
+    paper, out, _, _ = smoke
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # copy2: the mtimes come along
+    made = ("table.md", "runs.csv", "tasks.csv", "synthetic.png", "synthetic.pdf")
+    for name in made:  # table.json stays: it says how the runs were made
+        (copy / name).unlink()
+    (copy / "runs" / "synthetic-neither-seed1" / "summary.json").unlink()  # stopped: its checkpoint.pt is left
+    before = snapshot(copy / "runs")
+    monkeypatch.setattr(paper, "launch", no_run)
+    rows, stdout = quiet_main(paper, ["--report-only", "--out", str(copy)])  # no --smoke: table.json says it
+    assert isinstance(rows, list) and "running" not in stdout and "continuing" not in stdout
+    assert snapshot(copy / "runs") == before  # every run folder byte- and mtime-identical, nothing added
+    assert all((copy / name).is_file() for name in made)
+    lines = (copy / "table.md").read_text().splitlines()
+    either = next(line for line in lines if "| without either |" in line)
+    assert "| 1 of 2 (0, 1) |" in either and either.endswith("| pending: seed 1 |")
+    old = (out / "table.md").read_text().splitlines()
+    assert [line for line in lines if "without either" not in line] == [
+        line for line in old if "without either" not in line]
+    with open(copy / "tasks.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 8 * 4  # 8 finished runs of 4 tasks: the pending one has none
+    # the finished run back: the table rebuilt is the first one, line for line
+    shutil.copy2(out / "runs" / "synthetic-neither-seed1" / "summary.json", copy / "runs" / "synthetic-neither-seed1")
+    rows, stdout = quiet_main(paper, ["--report-only", "--out", str(copy)])
+    assert isinstance(rows, list) and "running" not in stdout
+    for name in ("table.md", "runs.csv", "tasks.csv"):
+        assert (copy / name).read_text() == (out / name).read_text().replace(str(out), str(copy)), name
+
+
+def test_paper_report_only_without_a_table_is_one_error_line(tmp_path):
+    paper = paper_script()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "runs-only" / "runs").mkdir(parents=True)
+    for out, named in ((tmp_path / "missing", "holds no table (no table.json, no runs/)"),
+                       (tmp_path / "empty", "holds no table (no table.json, no runs/)"),
+                       (tmp_path / "runs-only", "has no table.json to say how its runs were made; give --smoke")):
+        err = io.StringIO()
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+            paper.main(["--report-only", "--out", str(out)])
+        lines = err.getvalue().strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("paper.py: error: --report-only: ")
+        assert named in lines[0], lines[0]
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+def test_paper_smoke_tasks_csv_is_a_line_per_finished_run_and_task(smoke):
+    paper, out, _, _ = smoke
+    with open(out / "tasks.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        lines = list(reader)
+    assert reader.fieldnames == ["benchmark", "variant", "seed", "task", "classes_seen", "acc", "acc_text",
+                                 "acc_visual"]
+    runs = [(v, s) for v in VARIANTS for s in ((0,) if v == "zeroshot" else (0, 1))]
+    assert len(lines) == len(runs) * 4 == 36  # 9 finished runs x 4 tasks
+    for variant, seed in runs:
+        folder = out / "runs" / f"synthetic-{variant}-seed{seed}"
+        summary = json.loads((folder / "summary.json").read_text())
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        mine = [line for line in lines if (line["variant"], line["seed"]) == (variant, str(seed))]
+        assert [int(line["task"]) for line in mine] == [1, 2, 3, 4] and {line["benchmark"] for line in mine} == {
+            "synthetic"}
+        assert [int(line["classes_seen"]) for line in mine] == [m["classes"][1] for m in metrics] == [5, 10, 15, 20]
+        assert [float(line["acc"]) for line in mine] == summary["acc"]  # written in full, read back exactly
+        assert [float(line["acc_text"]) for line in mine] == summary["acc_text"]
+        visual = [None if line["acc_visual"] == "" else float(line["acc_visual"]) for line in mine]
+        assert visual == summary["acc_visual"]
+        assert (None in visual) == (variant in ("no-compensation", "neither", "zeroshot"))  # no visual branch
+
+
+def test_paper_unverified_figures_are_marked_not_differenced_and_rebuilt_without_root(tmp_path, monkeypatch):
+    paper = paper_script()
+    data = tmp_path / "data"
+    (data / "vtab" / "train").mkdir(parents=True)
+    (data / "cifar100" / "cifar-100-python").mkdir(parents=True)
+    monkeypatch.setattr(paper, "launch", fake_launch)
+    out = tmp_path / "t"
+    rows, _ = quiet_main(paper, ["--root", str(data), "--benchmarks", "vtab,cifar100", "--out", str(out),
+                                 "--variants", "mgclip", "--seeds", "1"])
+    assert isinstance(rows, list), rows
+    md = (out / "table.md").read_text()
+    vtab = next(line for line in md.splitlines() if line.startswith("| VTAB B0 Inc10 | MG-CLIP |"))
+    assert "| 94.67 / 91.53 (unverified)¹ | 91.00 / 87.00 / 3.00 / -2.00 | — (unverified) |" in vtab
+    assert "| CIFAR-100 B0 Inc10 | MG-CLIP | 1 (42) | 87.00 / 80.57 | 86.00 / 77.00 / 3.00 / -2.00 | " \
+           "-1.00 / -3.57 |" in md  # a verified figure: differenced
+    assert "¹ Unverified: VTAB B0 Inc10: the paper (arXiv 2507.09118), not traced to a quoted source; shown, not " \
+           "differenced." in md
+    assert "Source: CIFAR-100 B0 Inc10: the paper (arXiv 2507.09118); later papers quote the same." in md
+    table = {row["dataset"]: row for row in json.loads((out / "table.json").read_text())["rows"]}
+    assert (table["vtab"]["avg_ref"], table["vtab"]["avg_diff"], table["vtab"]["last_diff"]) == (94.67, None, None)
+    assert table["vtab"]["ref_verified"] is False and table["cifar100"]["ref_verified"] is True
+    assert table["cifar100"]["avg_diff"] == pytest.approx(86.0 - 87.0)
+    # the data gone, no --root: table.json gives it, and the runs in --out keep their rows
+    shutil.rmtree(data)
+    (out / "table.md").unlink()
+    monkeypatch.setattr(paper, "launch", no_run)
+    rows, stdout = quiet_main(paper, ["--report-only", "--out", str(out)])
+    assert isinstance(rows, list) and [row["dataset"] for row in rows] == ["cifar100", "vtab"]
+    assert (out / "table.md").read_text() == md and md in stdout
+
+
+def test_paper_figure_is_a_pdf_too_its_y_axis_fit_to_the_data_and_the_paper_marked(smoke, tmp_path, monkeypatch):
+    paper, out, _, _ = smoke
+    plt = pytest.importorskip("matplotlib.pyplot")
+    assert (out / "synthetic.pdf").read_bytes()[:5] == b"%PDF-"
+    with PIL.Image.open(out / "synthetic.png") as image:
+        assert image.size == (1500, 900)  # 7.5 x 4.5 inches at 200 dpi
+    close = plt.close
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)  # keep each figure to look at it
+    bench = paper.PAPER[0]  # CIFAR-100: the paper's Last 80.57, above every curve drawn here
+    runs = [paper.record(seed, tmp_path, dict(avg=70.0, last=acc[-1], acc=acc, epochs_star=1, seconds_total=1.0))
+            for seed, acc in ((42, [75.0, 70.0, 62.0]), (43, [74.0, 68.0, 60.0]))]
+    args = SimpleNamespace(smoke=False, out=str(tmp_path), fail=pytest.fail)
+    ylim = paper.figure(args, bench, [paper.table_row(bench, "mgclip", runs)], plt)
+    fig = closed[0]
+    try:
+        assert fig.axes[0].get_ylim() == pytest.approx(ylim)
+        assert 58 < ylim[0] < 60 and 80.57 < ylim[1] < 82  # min..max of the curves and the paper's mark, a margin
+        legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+        assert legend == ["MG-CLIP (n = 2)", "paper Last (arXiv 2507.09118)"]
+        assert fig.texts == []  # the random-init note is the smoke's
+    finally:
+        close(fig)
+    assert (tmp_path / "cifar100.pdf").read_bytes()[:5] == b"%PDF-" and (tmp_path / "cifar100.png").is_file()
+    assert paper.y_limits([0.5, 99.8]) == (0.0, 100.0)  # clipped to 0..100
+    assert paper.figure(args, bench, [paper.table_row(bench, "mgclip", [dict(seed=42, status="pending")])], plt) \
+        is None  # nothing finished: no figure
+    # the smoke's figure says its CLIP is random-init, and its reference is seed 0's
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    paper.figure(SimpleNamespace(smoke=True, out=str(tmp_path), fail=pytest.fail), paper.SMOKE, rows, plt)
+    fig = closed[-1]
+    try:
+        assert [text.get_text() for text in fig.texts] == [
+            "Random-init CLIP: zero-shot is chance, the text branch may sit below it, and the ablations' order "
+            "means nothing."]
+        assert "reference Last (seed 0, not the paper)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    finally:
+        close(fig)
+    assert "Its CLIP is random-init: zero-shot is chance, the text branch may sit below it, and the ablations' order " \
+           "means nothing." in (out / "table.md").read_text()
 
 
 # ---------------------------------------------------------------- every mistake, fourth layer (issue 32)
@@ -2253,3 +2444,233 @@ def test_help_answers_which_alpha_and_names_the_environment(capsys):
     assert "on a CPU plain fp32" in text and "0: in the main process" in text
     assert "--predict RUN PATH [PATH ...]" in text  # PATH is not optional
     assert "HF_HUB_OFFLINE=1" in text and "OMP_NUM_THREADS=1" in text
+
+
+# ---------------------------------------------------------------- keep learning: a finished run learns new classes (issue 35)
+def write_split_folders(tmp: Path):
+    """Classes A (c0..c3), new classes B (d0, d1) and AB, all of them, with the same images; the class order of one run
+    over AB that learns A's classes first in A's order (seeded by --seed 0), then B's."""
+    write_folder_dataset(tmp / "A", ["c0", "c1", "c2", "c3"], train=6, test=3)
+    for k, c in enumerate(["d0", "d1"]):  # colours of their own
+        write_images(tmp / "B" / "train" / c, 6, seed=10 + k)
+        write_images(tmp / "B" / "val" / c, 3, seed=10 + k, noise_seed=1)
+    for part in ("A", "B"):
+        shutil.copytree(tmp / part, tmp / "AB", dirs_exist_ok=True)
+    a = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    b = torch.randperm(2, generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp / "order.txt").write_text(" ".join(map(str, a + [4 + i for i in b])))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def continued_runs(tmp_path_factory):
+    """A 2-task run on A, continued on B (1 task), and one 3-task run over AB in the same class order."""
+    tmp = write_split_folders(tmp_path_factory.mktemp("continue"))
+    common = ["--model", "tiny", "--workers", "0", "--dataset", "folder"]
+    M.main(common + ["--data-root", str(tmp / "A"), "--tasks", "2", "--out", str(tmp / "runA")])
+    M.main(["--continue-from", str(tmp / "runA"), "--dataset", "folder", "--data-root", str(tmp / "B"),
+            "--workers", "0"])
+    M.main(common + ["--data-root", str(tmp / "AB"), "--tasks", "3", "--class-order", str(tmp / "order.txt"), "--out",
+                     str(tmp / "runAB")])
+    return tmp
+
+
+def rows_of(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_a_run_continued_with_new_classes_equals_one_run_over_all_of_them(continued_runs):
+    tmp = continued_runs
+    out = tmp / "runA+B"  # the default --out: beside RUN, named after it and the new data
+    assert rows_of(out) == rows_of(tmp / "runAB") and len(rows_of(out)) == 3  # bit for bit, row for row
+    continued, one = (json.loads((run / "summary.json").read_text()) for run in (out, tmp / "runAB"))
+    for key in ("avg", "last", "forgetting", "bwt", "acc_matrix", "epochs_star", "classnames", "search"):
+        assert continued[key] == one[key], key
+    assert continued["epochs_star"] == 10 and not continued["untested"]  # E* of RUN's search, not searched again
+    assert continued["config"]["continue_from"] == str(tmp / "runA") and continued["config"]["lr"] == 1e-3
+    log = (out / "log.txt").read_text()
+    assert "task 3 learns d" in log and f"continuing {tmp / 'runA'}: 2 tasks learned, classes 0-3" in log
+
+
+def test_a_continued_run_is_a_whole_run_predicted_resumed_and_continued(continued_runs, tmp_path, capsys):
+    tmp = continued_runs
+    M.main(["--predict", str(tmp / "runA+B"), str(tmp / "B" / "val" / "d0")])
+    printed = capsys.readouterr()
+    assert "ranking 6 of its 6 classes" in printed.err and "task 3 of 3" in printed.err
+    assert len(printed.out.splitlines()) == 3 and all(line.count("\t") == 10 for line in printed.out.splitlines())
+    for k, c in enumerate(["e0", "e1"]):
+        write_images(tmp_path / "C" / "train" / c, 4, seed=20 + k)
+        write_images(tmp_path / "C" / "val" / c, 2, seed=20 + k, noise_seed=1)
+    out = tmp_path / "chain"
+    env = dict(os.environ, MGCLIP_STOP_AFTER_TASK="4", OMP_NUM_THREADS="1")  # chained, then stopped after task 4
+    args = ["--continue-from", str(tmp / "runA+B"), "--dataset", "folder", "--data-root", str(tmp_path / "C"),
+            "--workers", "0", "--out", str(out)]
+    stopped = subprocess.run([sys.executable, str(HERE / "mgclip.py"), *args], env=env, capture_output=True, text=True)
+    assert stopped.returncode == 130 and f"resume with --resume {out}" in stopped.stderr
+    assert not (out / "summary.json").exists() and rows_of(out)[:3] == rows_of(tmp / "runA+B")
+    M.main(["--resume", str(out), "--workers", "0"])  # its last task has finished: the summary is written
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["acc"]) == 4 and len(s["acc_matrix"][-1]) == 4 and s["classnames"][-2:] == ["e0", "e1"]
+    assert json.loads((out / "settings.json").read_text())["settings"]["continue_from"] == str(tmp / "runA+B")
+
+
+def test_continuing_without_the_old_test_images_goes_on_and_says_so(continued_runs, tmp_path):
+    tmp = continued_runs
+    shutil.copytree(tmp / "runA", tmp_path / "runA")
+    shutil.copytree(tmp / "A", tmp_path / "A")
+    settings_of = json.loads((tmp_path / "runA" / "settings.json").read_text())  # the run reads its checkpoint
+    checkpoint = torch.load(tmp_path / "runA" / "checkpoint.pt", weights_only=True)
+    checkpoint["settings"]["data_root"] = str(tmp_path / "A")
+    torch.save(checkpoint, tmp_path / "runA" / "checkpoint.pt")
+    shutil.rmtree(tmp_path / "A")  # the old data is gone
+    M.main(["--continue-from", str(tmp_path / "runA"), "--dataset", "folder", "--data-root", str(tmp / "B"),
+            "--workers", "0", "--out", str(tmp_path / "gone")])
+    rows = rows_of(tmp_path / "gone")
+    assert rows[:2] == rows_of(tmp / "runA") and rows[2]["acc_per_task"][:2] == [None, None]
+    assert rows[2]["acc_per_task"][2] is not None and settings_of["settings"]["data_root"] == str(tmp / "A")
+    s = json.loads((tmp_path / "gone" / "summary.json").read_text())
+    assert s["acc_matrix"][-1][:2] == [None, None] and s["untested"] == [[0, 2], [2, 4]] and s["forgetting"] is None
+    assert s["last"] == rows[2]["acc"] and s["avg"] == pytest.approx(sum(r["acc"] for r in rows) / 3)
+    log = (tmp_path / "gone" / "log.txt").read_text()
+    assert log.count("are no longer at --data-root") == 1 and "without classes 0-1, 2-3: their test images" in log
+
+
+def test_continue_from_refuses_in_one_line_before_anything_is_written(continued_runs, tmp_path):
+    tmp = continued_runs
+    new = ["--dataset", "folder", "--data-root", str(tmp / "B")]
+    assert "holds no class that" in fail(["--continue-from", str(tmp / "runA"), "--dataset", "folder",
+                                          "--data-root", str(tmp / "A")])
+    assert "has learned 'c" in fail(["--continue-from", str(tmp / "runA"), "--dataset", "folder",
+                                     "--data-root", str(tmp / "AB")])
+    assert "no checkpoint.pt there" in fail(["--continue-from", str(tmp_path / "nothing"), *new])
+    assert "--lr 0.5 (the run: --lr 0.001); drop those flags" in fail(["--continue-from", str(tmp / "runA"), *new,
+                                                                        "--lr", "0.5"])
+    assert "--no-compensation (the run: without --no-compensation)" in fail(["--continue-from", str(tmp / "runA"),
+                                                                             *new, "--no-compensation"])
+    assert "which is read, never written" in fail(["--continue-from", str(tmp / "runA"), *new, "--out",
+                                                   str(tmp / "runA")])
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp / "runA", stopped)
+    checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    checkpoint["rows"] = checkpoint["rows"][:1]
+    torch.save(checkpoint, stopped / "checkpoint.pt")
+    assert f"has not finished (1 of 2 tasks); finish it with --resume {stopped} first" in fail(
+        ["--continue-from", str(stopped), *new])
+    assert not any(tmp_path.glob("*+B")) and not (tmp / "runA+A").exists() and not (tmp / "runA+AB").exists()
+
+
+def test_the_block_continues_a_state_with_the_new_tasks_alone():
+    """learn_tasks given a state and only the tasks it has not learned: the rows of one run over all the tasks; a test
+    set with only some of the seen classes gives accuracies over those, and None for a task without any."""
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    hp = M.Hyper(lr=1e-2, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    quiet = dict(report=lambda line: None)
+    straight = list(M.learn_tasks(clip.model, M.add_lora(clip.model, hp), tokens, tasks[:3], hp, **quiet))[-1]
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    lora = M.add_lora(clip.model, hp)
+    two = list(M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, **quiet))[-1]
+    clip, tokens, tasks = synthetic_tasks(M.Task)  # a model built afresh, as in a new process
+    lora = M.add_lora(clip.model, hp)
+    third = next(M.learn_tasks(clip.model, lora, tokens, tasks[2:3], hp, state=two, **quiet))
+    assert third["rows"] == straight["rows"]
+    x, y = zip(*tasks[2].test)
+    only_new = [(xb[yb >= 10], yb[yb >= 10]) for xb, yb in zip(x, y)]  # the old classes' test images are gone
+    tasks[2].test = [batch for batch in only_new if len(batch[1])]
+    clip = synthetic_tasks(M.Task)[0]
+    lora = M.add_lora(clip.model, hp)
+    row = next(M.learn_tasks(clip.model, lora, tokens, tasks[2:3], hp, state=two, **quiet))["rows"][-1]
+    assert row["acc_per_task"][:2] == [None, None] and row["acc_per_task"][2] == row["acc"] is not None
+    assert M.continual_metrics([50.0, 40.0, 30.0], [[50.0], [45.0, 35.0], [None, None, 30.0]]) == dict(
+        avg=40.0, last=30.0, forgetting=None, bwt=None)
+
+
+# ---------------------------------------------------------------- the method block, second layer of traps (issue 36)
+def test_hyperparameters_that_train_or_mean_nothing_are_refused():
+    for wrong, named in ((dict(max_epochs=0), "max_epochs = 0 .*at least 1"), (dict(alpha=0.0), "alpha = 0.0 .*greater"),
+                         (dict(lr=float("nan")), "lr = nan"), (dict(lora_rank=0), "lora_rank = 0"),
+                         (dict(vis_batch_size=0), "vis_batch_size"), (dict(epochs=-1), "epochs = -1")):
+        with pytest.raises(ValueError, match=f"Hyper {named}"):
+            M.Hyper(**wrong)
+    with pytest.raises(ValueError, match="text_weight and visual_weight are both 0"):
+        M.Hyper(text_weight=0.0, visual_weight=0.0)
+    assert M.Hyper(epochs=0, vis_epochs=0, text_weight=0.0).epochs == 0  # zero-shot and one-branch runs are allowed
+    clip = tiny_clip()
+    assert sum(p.numel() for p in M.add_lora(clip.model, M.Hyper(lora_rank=2))) == 2 * (2 * 2 * 2 * (64 + 64))
+
+
+def test_a_one_class_task_runs_and_says_it_trains_no_lora():
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    lora = M.add_lora(clip.model, hp)
+    first = tasks[0]
+    x, y = zip(*first.train_eval)
+    one = [(xb[yb == 0], yb[yb == 0]) for xb, yb in zip(x, y)]
+    lines = []
+    states = M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 1), one, one, one)], hp, report=lines.append)
+    state = next(states)
+    assert any("one class: its cross-entropy is 0" in line for line in lines)
+    assert not any(m.B.any() for m in clip.model.modules() if isinstance(m, M.LoRAKeyValue))  # it trained nothing
+    assert state["rows"][0]["acc"] == 100.0
+
+
+def test_unclear_crashes_are_one_line_that_names_the_fix():
+    clip = tiny_clip()
+    lora = M.add_lora(clip.model)
+    tokens = clip.tokenize(["a good photo of a kalo.", "a good photo of a zuter."])
+    batches = tiny_batches(clip)
+    with pytest.raises(TypeError, match="range of class positions, range\\(start, stop\\), not a list"):
+        next(M.learn_tasks(clip.model, lora, tokens, [M.Task([0, 1], batches, batches, batches)], M.Hyper()))
+    with pytest.raises(TypeError, match="not a DataParallel \\(unwrap it: model.module\\)"):
+        next(M.learn_tasks(torch.nn.DataParallel(clip.model), lora, tokens, [M.Task(range(0, 2), *[batches] * 3)],
+                           M.Hyper()))
+    with pytest.raises(TypeError, match="not a DataParallel"):
+        M.add_lora(torch.nn.DataParallel(tiny_clip().model))
+    with pytest.raises(ValueError, match="tokens of 77, not 16: use open_clip.get_tokenizer"):
+        import open_clip
+        long = open_clip.SimpleTokenizer()(["a good photo of a kalo.", "a good photo of a zuter."])
+        next(M.learn_tasks(clip.model, lora, long, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper()))
+    half = tiny_clip().model.half()
+    with pytest.raises(TypeError, match="the model is in torch.float16: model.float\\(\\)"):
+        M.add_lora(half)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(ValueError, match="train in float32 \\(torch's default dtype\\)"):
+            next(M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper()))
+    finally:
+        torch.set_default_dtype(previous)
+    with pytest.raises(ValueError, match="another rank or alpha than hp's"):
+        next(M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper(lora_alpha=2.0)))
+
+
+def test_a_predictor_keeps_its_states_lora_text_features_and_classifier_together():
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    lora = M.add_lora(clip.model, hp)
+    states = M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, report=lambda line: None)
+    first = next(states)
+    classify = M.predictor(clip.model, lora, tokens, first)
+    x = next(iter(tasks[0].test))[0]
+    before = classify(x)[0]
+    second = next(states)  # LoRA trains on: the first state's predictor loads its own LoRA for every batch
+    assert torch.equal(classify(x)[0], before) and classify(x)[0].shape[1] == 5
+    assert M.predictor(clip.model, lora, tokens, second)(x)[0].shape[1] == 10
+
+
+def test_readme_quick_start_teaches_the_demo_new_classes_as_it_shows(synthetic_run, tmp_path):
+    """The quick start's commands as written: the demo's run (the fixture's), the snippet that makes new/, then
+    --continue-from; the numbers are the ones README prints."""
+    import re
+    import shlex
+    text = (HERE / "README.md").read_text()
+    snippet = text[text.index("python - <<'PY'"):]
+    exec(compile(snippet[snippet.index("\n") + 1: snippet.index("\nPY\n")], "README.md", "exec"), {})
+    shutil.copytree(synthetic_run[0], tmp_path / "runs" / "synthetic-tiny-T4-seed0")
+    command = re.search(r"python mgclip\.py (--continue-from [^\n]*)", text).group(1)
+    M.main(shlex.split(command))
+    s = json.loads((tmp_path / "runs" / "synthetic-tiny-T4-seed0+new" / "summary.json").read_text())
+    printed = re.search(r"Avg (\S+)  Last (\S+)  forgetting (\S+)  E\* 1  \S+  -> runs/synthetic-tiny-T4-seed0\+new",
+                        text)
+    assert [f"{s[k]:.2f}" for k in ("avg", "last", "forgetting")] == list(printed.groups())
+    assert len(s["classnames"]) == 24 and s["classnames"][20:] == ["moss", "plum", "teal", "sand"]

@@ -4,6 +4,7 @@
     python benchmarks/paper.py --smoke --out /tmp/paper           # the synthetic demo on the CPU, ~80 s
     python benchmarks/paper.py --root DATA --out paper --benchmarks cifar100 --variants mgclip,zeroshot --seeds 1
     python benchmarks/paper.py --root DATA --out paper -- --precision bf16    # after --: flags for every mgclip run
+    python benchmarks/paper.py --report-only --out paper          # rebuild the table and figures, run nothing
 
 Data under ROOT (a benchmark whose folder is missing becomes a row that says where to put it):
     ROOT/cifar100/cifar-100-python/{train,test,meta}   CIFAR-100 B0 Inc10, torchvision's format
@@ -27,12 +28,21 @@ Each run is mgclip.py in a subprocess (--smoke: in this process), in OUT/runs/<d
 summary.json is read, never run again, one with a checkpoint.pt continues and a failed one is retried, so the same
 command resumes a stopped table. Written in OUT, every selected row from the start ("pending" until its runs finish),
 and rewritten after each run:
-    table.md, table.json  the paper's Avg / Last; the authors' seed's Avg / Last / forgetting / BWT and its difference
-                          from the paper; the mean +/- sample std over the seeds; E*; the time; Food-101 before / after
+    table.md, table.json  the paper's Avg / Last and its source; the authors' seed's Avg / Last / forgetting / BWT and
+                          its difference from the paper (none for a figure marked unverified: ImageNet-1K, VTAB); the
+                          mean +/- sample std over the seeds; E*; the time; Food-101 before / after
     runs.csv              a line per run: benchmark, variant, seed, avg, last, forgetting, bwt, epochs_star, seconds,
                           device, precision, zeroshot_before, zeroshot_after, status
-    <dataset>.png         accuracy after each task, a line per variant: the mean over the seeds, a band min..max
-                          (needs matplotlib; without it the table is written and a line says so)
+    tasks.csv             a line per finished run and task: benchmark, variant, seed, task, classes_seen, acc (fused),
+                          acc_text, acc_visual (empty without compensation)
+    <dataset>.png, .pdf   accuracy after each task, a line per variant: the mean over the seeds, a band min..max, the
+                          paper's Last (a star and a dashed line); the y axis fit to the data (needs matplotlib;
+                          without it the table is written and a line says so)
+
+--report-only rebuilds all of these from the runs in OUT and runs nothing: no run folder is written or touched; a run
+without a summary.json is pending (failed, with its error line, where the table last said so). The table.json in OUT
+says how its runs were made: --smoke (its reference), --root, the flags after --, the benchmarks, variants and seeds
+(its rows), so `--report-only --out OUT` is enough; a flag given overrides it (the flags after -- must match).
 """
 import argparse
 import contextlib
@@ -60,9 +70,15 @@ OWNED = {"dataset", "data_root", "tasks", "seed", "out", "resume", "epochs", "pr
 METRICS = ("avg", "last", "forgetting", "bwt")
 
 
+# Where a paper figure comes from (README, "Expected results and their sources"): all are the paper's (ICCV 2025,
+# arXiv 2507.09118); later papers quote most of them, but two benchmarks' could not be traced to a quoted source.
+QUOTED = "the paper (arXiv 2507.09118); later papers quote the same"
+UNTRACED = "the paper (arXiv 2507.09118), not traced to a quoted source"
 # A benchmark: row name, --dataset, --tasks, the path under ROOT that shows its data (its first part is --data-root),
-# where to put the data, the figures per variant (Avg, Last), the authors' split lists (passed when in its folder).
-Bench = namedtuple("Bench", "name dataset tasks found hint figures splits", defaults=[()])
+# where to put the data, the figures per variant (Avg, Last), the authors' split lists (passed when in its folder),
+# the figures' source and whether it is verified (an unverified figure is shown, marked, and never differenced).
+Bench = namedtuple("Bench", "name dataset tasks found hint figures splits source verified",
+                   defaults=[(), QUOTED, True])
 PAPER = [
     Bench("CIFAR-100 B0 Inc10", "cifar100", 10, "cifar100/cifar-100-python", "put torchvision's cifar-100-python/ in",
           {"mgclip": (87.00, 80.57), "zeroshot": (None, 66.7)}),
@@ -71,16 +87,18 @@ PAPER = [
     Bench("ImageNet-R B0 Inc20", "imagenet-r", 10, "imagenet-r", "put the 200 class folders (or train/, test/) in",
           {"mgclip": (87.58, 82.67)}, ("imgr_train_test_split.txt",)),
     Bench("ImageNet-1K B0 Inc100", "imagenet", 10, "imagenet/train", "put train/ and val/ (class folders) in",
-          {"mgclip": (81.88, 73.68)}),
+          {"mgclip": (81.88, 73.68)}, source=UNTRACED, verified=False),
     Bench("VTAB B0 Inc10", "vtab", 5, "vtab/train", "put train/ and test/ (50 class folders) in",
-          {"mgclip": (94.67, 91.53)}),
+          {"mgclip": (94.67, 91.53)}, source=UNTRACED, verified=False),
 ]
 # The synthetic demo's numbers for seed 0 on the CPU (mgclip's tests pin the first three; neither: measured for issue
 # 31, with OMP_NUM_THREADS=1): a reference, not the paper.
 SMOKE = Bench("synthetic demo", "synthetic", 4, "", "", {
     "mgclip": (46.484375, 32.8125), "no-preservation": (59.244791666666664, 43.4375),
     "no-compensation": (35.15625, 10.0), "neither": (49.322916666666664, 26.875),
-    "zeroshot": (10.416666666666666, 5.0)})
+    "zeroshot": (10.416666666666666, 5.0)}, source="seed 0 of the synthetic demo on the CPU, measured; not the paper")
+# What the smoke's table and figure say of its random-init CLIP.
+RANDOM_INIT = "zero-shot is chance, the text branch may sit below it, and the ablations' order means nothing."
 FOOD101 = "food101/food-101"
 FOOD101_AFTER = 85.7  # the paper's Food-101 zero-shot top-1 accuracy after the CIFAR-100 run (RAPF: 17.2)
 
@@ -105,9 +123,9 @@ def parse_args(argv=None):
     """The flags; every mistake (no --root, --out a file, --seeds 0, a bad name or mgclip flag) is one error line."""
     p = Parser(prog="paper.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="the folder of the benchmarks' data, laid out as above")
-    p.add_argument("--out", required=True, help="the table's folder: table.md, table.json, runs.csv, the figures and "
-                   "runs/ (a rerun resumes)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--out", required=True, help="the table's folder: table.md, table.json, runs.csv, tasks.csv, the "
+                   "figures and runs/ (a rerun resumes)")
+    p.add_argument("--variants",
                    help=f"the rows per benchmark (default: all, {','.join(VARIANTS)})")
     p.add_argument("--benchmarks", help=f"the benchmarks, by --dataset name (default: all, "
                    f"{','.join(b.dataset for b in PAPER)}); one without data under --root is a row saying where to "
@@ -118,11 +136,17 @@ def parse_args(argv=None):
     p.add_argument("--workers", help="mgclip.py --workers, image loader processes per run (default: 4)")
     p.add_argument("--smoke", action="store_true", help="the synthetic demo (tiny random-init CLIP) on the CPU, in "
                    "this process; its reference column is seed 0's numbers, not the paper's")
+    p.add_argument("--report-only", action="store_true", help="rebuild table.md, table.json, runs.csv, tasks.csv and "
+                   "the figures from the runs in --out, running nothing and touching no run folder; --smoke, --root, "
+                   "the flags after --, the benchmarks, variants and seeds default to what --out's table.json records")
     p.add_argument("flags", nargs="*", metavar="-- FLAGS", help="more mgclip.py flags for every run (after --)")
     args = p.parse_args(argv)
+    args.table = from_table(p, args) if args.report_only else None
     if args.seeds is not None and args.seeds < 1:
         p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.seeds = args.seeds or (2 if args.smoke else 3)
+    if args.variants is None:
+        args.variants = ",".join(VARIANTS)
     args.variants = names(p, "--variants", args.variants, list(VARIANTS))
     if args.smoke and (args.root or args.device or args.benchmarks):
         drop = "--root" if args.root else "--device" if args.device else "--benchmarks"
@@ -132,10 +156,8 @@ def parse_args(argv=None):
     args.benches = [SMOKE] if args.smoke else [b for b in PAPER if b.dataset in datasets]
     if not args.smoke and not args.root:
         p.error("give --root DATA, the folder holding cifar100/, imagenet100/, ... (or --smoke)")
-    if args.root and not Path(args.root).is_dir():
-        p.error(f"--root {args.root} is not a folder")
-    if args.root and not any((Path(args.root) / b.found).exists() for b in args.benches):
-        p.error(f"--root {args.root} holds none of {', '.join(b.found + '/' for b in args.benches)}")
+    if args.root and not args.report_only:  # --report-only reads the runs, not the data
+        check_root(p, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file; give a folder")
     try:  # mgclip's own checks, once here rather than in every run
@@ -148,6 +170,49 @@ def parse_args(argv=None):
         p.error(f"after --: paper.py sets --{owned[0].replace('_', '-')} itself; drop it")
     args.fail = p.error
     return args
+
+
+def check_root(p, args):
+    """--root is a folder that holds at least one of the selected benchmarks."""
+    if not Path(args.root).is_dir():
+        p.error(f"--root {args.root} is not a folder")
+    if not any((Path(args.root) / b.found).exists() for b in args.benches):
+        p.error(f"--root {args.root} holds none of {', '.join(b.found + '/' for b in args.benches)}")
+
+
+def from_table(p, args) -> dict:
+    """--report-only: the table in --out (its table.json, or {} for runs/ without one), and what it was made with
+    where the command does not say: --smoke (from its reference), --root, the flags after --, the benchmarks, variants
+    and seeds (from its rows)."""
+    out = Path(args.out)
+    table = read_json(out / "table.json")
+    if not isinstance(table, dict):
+        if not (out / "runs").is_dir():
+            p.error(f"--report-only: --out {args.out} holds no table (no table.json, no runs/); make it first, "
+                    "without --report-only")
+        if not (args.smoke or args.root):
+            p.error(f"--report-only: --out {args.out} has no table.json to say how its runs were made; give --smoke "
+                    "or --root DATA")
+        return {}
+    smoke = str(table.get("reference", "")).startswith("synthetic")
+    if args.smoke and not smoke:
+        p.error(f"--report-only: --out {args.out} holds the paper's table, not the smoke's; drop --smoke")
+    if args.root and smoke:
+        p.error(f"--report-only: --out {args.out} holds the smoke table; drop --root")
+    args.smoke = smoke
+    args.root = args.root or table.get("root")
+    args.flags = args.flags or table.get("mgclip_flags") or []
+    rows = table.get("rows", [])
+    variants = [r["variant"] for r in rows if r.get("variant")]
+    if args.variants is None and variants:
+        args.variants = ",".join(dict.fromkeys(variants))
+    datasets = [r["dataset"] for r in rows]
+    if args.benchmarks is None and not smoke and datasets:
+        args.benchmarks = ",".join(dict.fromkeys(datasets))
+    seeds = [len(r["seeds"]) for r in rows if r.get("variant") not in (None, "zeroshot")]
+    if args.seeds is None and seeds:
+        args.seeds = max(seeds)
+    return table
 
 
 def read_json(path: Path):
@@ -210,11 +275,29 @@ def launch(argv: list[str], folder: Path, smoke: bool) -> str:
     return lines[-1] if lines else f"exit code {code}"
 
 
+def classes_seen(folder: Path, tasks: int) -> list:
+    """The classes seen after each of the run's tasks: the stop of its "classes": [start, stop] in metrics.jsonl (None
+    where that is missing or unreadable)."""
+    seen = {}
+    try:
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                task = json.loads(line)
+                seen[task["task"]] = task["classes"][1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    return [seen.get(task) for task in range(1, tasks + 1)]
+
+
 def record(seed: int, folder: Path, summary: dict) -> dict:
-    """A finished run's numbers, from its summary.json (an older one may lack forgetting, bwt or the precision)."""
+    """A finished run's numbers, from its summary.json (an older one may lack forgetting, bwt or the precision), and
+    the classes seen after each task, from its metrics.jsonl."""
     z = summary.get("zeroshot") or {}
+    acc = summary.get("acc") or []
     return dict(seed=seed, out=str(folder), status="ok", avg=summary["avg"], last=summary["last"],
-                forgetting=summary.get("forgetting"), bwt=summary.get("bwt"), acc=summary.get("acc") or [],
+                forgetting=summary.get("forgetting"), bwt=summary.get("bwt"), acc=acc,
+                acc_text=summary.get("acc_text") or [], acc_visual=summary.get("acc_visual") or [],
+                classes_seen=classes_seen(folder, len(acc)),
                 epochs_star=summary["epochs_star"], seconds=summary["seconds_total"], device=summary.get("device"),
                 precision=(summary.get("config") or {}).get("precision"), zeroshot_dataset=z.get("dataset"),
                 zeroshot_before=z.get("before"), zeroshot_after=z.get("after"),
@@ -237,12 +320,25 @@ def one_run(args, bench: Bench, variant: str, seed: int, run: bool = True) -> di
     return record(seed, folder, summary)
 
 
+def has_data(args, bench: Bench) -> bool:
+    """Whether ROOT holds the benchmark's data (the smoke: always); with --report-only, also where --out holds runs
+    of it, the data gone or elsewhere."""
+    if not args.root or (Path(args.root) / bench.found).exists():
+        return True
+    if not args.report_only:
+        return False
+    for variant in VARIANTS:
+        if any((Path(args.out) / "runs").glob(f"{bench.dataset}-{variant}-seed*")):
+            return True
+    return False
+
+
 def plan(args) -> list[tuple]:
     """The table's rows in order: (bench, variant, seeds), or (bench, None, note) for a benchmark without data. The
     seeds start at the authors'; zero-shot CLIP is deterministic: one run, with the authors' seed."""
     rows = []
     for bench in args.benches:
-        if args.root and not (Path(args.root) / bench.found).exists():
+        if not has_data(args, bench):
             rows.append((bench, None, f"no data: {bench.hint} {Path(args.root) / Path(bench.found).parts[0]}/"))
             continue
         first = authors_seed(bench)
@@ -272,8 +368,9 @@ def status(runs: list[dict]) -> str:
 
 
 def table_row(bench: Bench, variant: str, runs: list[dict]) -> dict:
-    """One row: the paper's figures; the authors' seed's numbers and their difference from the paper's; the mean +/-
-    std over the seeds that finished; Food-101 before / after / kept; E* per seed; time and status."""
+    """One row: the paper's figures and their source; the authors' seed's numbers and their difference from the
+    paper's (none from an unverified figure); the mean +/- std over the seeds that finished; Food-101 before / after /
+    kept; E* per seed; time and status."""
     done = [r for r in runs if r["status"] == "ok"]
     authors = next((r for r in done if r["seed"] == authors_seed(bench)), None)
     row = dict(benchmark=bench.name, dataset=bench.dataset, variant=variant, seeds=[r["seed"] for r in runs],
@@ -282,7 +379,10 @@ def table_row(bench: Bench, variant: str, runs: list[dict]) -> dict:
         row.update(stats(key, done, authors))
     for key, figure in zip(("avg", "last"), bench.figures.get(variant, (None, None))):
         row[key + "_ref"] = figure
-        row[key + "_diff"] = None if figure is None or row[key + "_seed"] is None else row[key + "_seed"] - figure
+        row[key + "_diff"] = None
+        if figure is not None and bench.verified and row[key + "_seed"] is not None:
+            row[key + "_diff"] = row[key + "_seed"] - figure
+    row.update(ref_source=bench.source, ref_verified=bench.verified)
     row["zeroshot_after_ref"] = FOOD101_AFTER if (bench.dataset, variant) == ("cifar100", "mgclip") else None
     row.update(epochs_star=sorted({r["epochs_star"] for r in done}),
                epochs_star_per_seed={str(r["seed"]): r["epochs_star"] for r in done},
@@ -324,16 +424,43 @@ def epochs_cell(r: dict) -> str:
     return ", ".join(f"{e} (seed {s})" for s, e in per_seed.items())
 
 
+def unverified(r: dict) -> bool:
+    """Whether the row shows a paper figure that could not be traced to a quoted source."""
+    shown = r["avg_ref"] is not None or r["last_ref"] is not None
+    return shown and not r.get("ref_verified", True)
+
+
+def sources(rows: list[dict]) -> list[str]:
+    """table.md's lines on where the paper's figures come from: the benchmarks per source, the unverified ones last,
+    with the footnote of their mark."""
+    shown = {}
+    for r in rows:
+        if "note" not in r and (r["avg_ref"] is not None or r["last_ref"] is not None):
+            shown.setdefault((unverified(r), r["ref_source"]), []).append(r["benchmark"])
+    lines = []
+    for (untraced, source), benchmarks in sorted(shown.items()):
+        named = ", ".join(dict.fromkeys(benchmarks))
+        if untraced:
+            lines.append(f"¹ Unverified: {named}: {source}; shown, not differenced.")
+        else:
+            lines.append(f"Source: {named}: {source}.")
+    return lines
+
+
 def row_line(r: dict) -> str:
     """A table.md line: a benchmark's variant, or a benchmark without data."""
     if "note" in r:
         return f"| {r['benchmark']} | | | | | | | | | {r['note']} |"
     seed = " / ".join(cell(r[key + "_seed"]) for key in METRICS)
+    ref = f"{cell(r['avg_ref'])} / {cell(r['last_ref'])}"
+    diff = f"{cell(r['avg_diff'], sign='+')} / {cell(r['last_diff'], sign='+')}"
+    if unverified(r):
+        ref += " (unverified)¹"
+        diff = "— (unverified)"
     spread = " / ".join(cell(r[key + "_mean"], r[key + "_std"]) for key in METRICS) if r["n"] > 1 else \
         "— (n = 1)" if r["n"] else "—"
     return (f"| {r['benchmark']} | {VARIANTS[r['variant']][0]} | {seeds_cell(r)} "
-            f"| {cell(r['avg_ref'])} / {cell(r['last_ref'])} | {seed} "
-            f"| {cell(r['avg_diff'], sign='+')} / {cell(r['last_diff'], sign='+')} | {spread} | {epochs_cell(r)} "
+            f"| {ref} | {seed} | {diff} | {spread} | {epochs_cell(r)} "
             f"| {duration(r['seconds_sum'])} | {r['status'].replace('|', '/')} |")  # an error line's | splits a cell
 
 
@@ -362,8 +489,8 @@ def retention(args, rows: list[dict]) -> list[str]:
     return lines
 
 
-def notes(args) -> list[str]:
-    """What the columns are, the seeds, and the reference."""
+def notes(args, rows: list[dict]) -> list[str]:
+    """What the columns are, the seeds, and the reference and its sources."""
     seed = "seed 0" if args.smoke else "the authors' seed"
     lines = ["", f"n: the seeds that finished, of those listed; {seed} is the first listed. Mean ± sample std "
              "(n − 1) over the seeds that finished (none where n = 1). Forgetting: the mean, over tasks 1..T−1, of "
@@ -378,12 +505,13 @@ def notes(args) -> list[str]:
              "ablations at once (--no-preservation --no-compensation), the ablations' baseline."]
     if args.smoke:
         lines.append("Reference (seed 0): the synthetic demo's numbers for seed 0 on the CPU, not a paper figure; seed "
-                     "0's runs match them exactly. Its CLIP is random-init: zero-shot is chance.")
+                     "0's runs match them exactly. Its CLIP is random-init: " + RANDOM_INIT)
     else:
         lines.append("Paper: CLIP ViT-B/16 (OpenAI), single runs with the authors' seed (42 on CIFAR-100, their "
                      "config); so the difference is the authors' seed's value minus the paper's, not the mean's. "
                      "Zero-shot CLIP: Last only. RAPF, for comparison: CIFAR-100 86.19 / 79.04; Food-101 after "
                      "CIFAR-100 17.2.")
+        lines += sources(rows)
     return lines
 
 
@@ -395,7 +523,7 @@ def markdown(args, rows: list[dict]) -> str:
              f"| {diff} Avg / Last | mean ± std Avg / Last / forgetting / BWT | E* | time (sum over seeds) "
              "| status |", "|---" * 10 + "|"]
     lines += [row_line(r) for r in rows]
-    return "\n".join(lines + retention(args, rows) + notes(args)) + "\n"
+    return "\n".join(lines + retention(args, rows) + notes(args, rows)) + "\n"
 
 
 CSV = ("benchmark", "variant", "seed", "avg", "last", "forgetting", "bwt", "epochs_star", "seconds", "device",
@@ -414,6 +542,30 @@ def runs_csv(rows: list[dict]) -> str:
     return text.getvalue()
 
 
+TASKS_CSV = ("benchmark", "variant", "seed", "task", "classes_seen", "acc", "acc_text", "acc_visual")
+
+
+def at(values: list, index: int):
+    """values[index], or None past its end."""
+    return values[index] if index < len(values) else None
+
+
+def tasks_csv(rows: list[dict]) -> str:
+    """tasks.csv: a header line, then a line per finished run and task: the classes seen after it, the fused accuracy
+    on them and the text and visual branches' (the visual one empty without compensation)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(TASKS_CSV)
+    for r in rows:
+        for run in r.get("runs", []):
+            if run["status"] != "ok":
+                continue
+            for i, acc in enumerate(run["acc"]):
+                writer.writerow([r["dataset"], r["variant"], run["seed"], i + 1, at(run["classes_seen"], i), acc,
+                                 at(run["acc_text"], i), at(run["acc_visual"], i)])
+    return text.getvalue()
+
+
 def write(path: Path, text: str):
     """Write through a temporary file and a rename: an interrupt never leaves half a table."""
     tmp = path.with_name(path.name + ".tmp")
@@ -422,15 +574,17 @@ def write(path: Path, text: str):
 
 
 def write_tables(args, rows: list[dict]):
-    """OUT/table.md, OUT/table.json (the rows with each run's numbers, the flags the runs were made with), runs.csv."""
+    """OUT/table.md, OUT/table.json (the rows with each run's numbers, the flags the runs were made with), runs.csv,
+    tasks.csv."""
     meta = dict(reference="synthetic demo, seed 0" if args.smoke else "paper", root=args.root, mgclip_flags=args.flags,
                 std="sample standard deviation (n - 1)", seconds_sum="the runs' seconds_total, summed over the seeds",
-                diff="the authors' seed's value minus the paper's figure",
+                diff="the authors' seed's value minus the paper's figure; none from an unverified figure",
                 seeds_vary="LoRA's initialisation and the shuffles; the class order is fixed per benchmark")
     try:
         write(Path(args.out) / "table.md", markdown(args, rows))
         write(Path(args.out) / "table.json", json.dumps(dict(meta, rows=rows), indent=2))
         write(Path(args.out) / "runs.csv", runs_csv(rows))
+        write(Path(args.out) / "tasks.csv", tasks_csv(rows))
     except OSError as e:
         args.fail(f"cannot write the table in --out {args.out} ({e.strerror})")
 
@@ -447,53 +601,145 @@ def pyplot():
     return plt
 
 
+def y_limits(values: list[float]) -> tuple:
+    """The y axis fit to the plotted values: their min..max plus a margin of 5% of that range (at least 1 point),
+    clipped to 0..100."""
+    low = min(values)
+    high = max(values)
+    margin = max(1.0, 0.05 * (high - low))
+    return max(0.0, low - margin), min(100.0, high + margin)
+
+
+def mark_label(args, bench: Bench) -> str:
+    """The legend's name for the reference's Last: the paper's, or the smoke's seed 0."""
+    if args.smoke:
+        return "reference Last (seed 0, not the paper)"
+    if not bench.verified:
+        return "paper Last (unverified)"
+    return "paper Last (arXiv 2507.09118)"
+
+
 def figure(args, bench: Bench, rows: list[dict], plt):
-    """OUT/<dataset>.png: accuracy on all seen classes after each task, a line per variant: the mean over the seeds
-    that finished, a band from their min to their max."""
+    """OUT/<dataset>.png and .pdf: accuracy on all seen classes after each task, a line per variant: the mean over the
+    seeds that finished, a band from their min to their max, the paper's Last (a star at the last task on a short
+    dashed line, in the line's colour; hollow where unverified); the y axis fit to all of these. Returns the y limits,
+    or None where no run finished (then nothing is drawn)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     tasks = []
+    values = []
+    marks = []
     for r in rows:
         curves = [run["acc"] for run in r.get("runs", []) if run["status"] == "ok" and run["acc"]]
         if r["dataset"] != bench.dataset or not curves:
             continue
         per_task = list(zip(*curves))
         tasks = list(range(1, len(per_task) + 1))
+        values += [acc for accs in per_task for acc in accs]  # the band's min..max holds the mean too
         line, = ax.plot(tasks, [statistics.fmean(a) for a in per_task], "o-",
                         label=f"{VARIANTS[r['variant']][0]} (n = {len(curves)})")
         if len(curves) > 1:
             ax.fill_between(tasks, [min(a) for a in per_task], [max(a) for a in per_task], color=line.get_color(),
                             alpha=0.2)
+        if r["last_ref"] is not None:
+            marks.append((len(per_task), r["last_ref"], line.get_color()))
     if not tasks:
         plt.close(fig)
-        return
-    ax.set(xlabel="task", ylabel="accuracy on all seen classes (%)", xticks=tasks, ylim=(0, 100),
+        return None
+    for i, (last, ref, color) in enumerate(marks):
+        face = color if bench.verified else "white"  # an unverified figure: a hollow star
+        ax.hlines(ref, last - 0.6, last + 0.2, color=color, linestyle="--", linewidth=1.2)
+        ax.plot([last], [ref], marker="*", markersize=13, color=color, markeredgecolor="black", linestyle="none",
+                markerfacecolor=face, label=mark_label(args, bench) if i == 0 else None)
+        values.append(ref)
+    ylim = y_limits(values)
+    ax.set(xlabel="task", ylabel="accuracy on all seen classes (%)", xticks=tasks, ylim=ylim,
            title=f"{bench.name}: mean over the seeds, band min..max")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    if args.smoke:
+        fig.text(0.5, 0.01, "Random-init CLIP: " + RANDOM_INIT, ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1) if args.smoke else (0, 0, 1, 1))
     try:
-        fig.savefig(Path(args.out) / f"{bench.dataset}.png", dpi=120)
+        fig.savefig(Path(args.out) / f"{bench.dataset}.png", dpi=200)
+        fig.savefig(Path(args.out) / f"{bench.dataset}.pdf")
     except OSError as e:
         args.fail(f"cannot write the figure in --out {args.out} ({e.strerror})")
     finally:
         plt.close(fig)
+    return ylim
+
+
+def check_flags(args):
+    """--out holds no table made with other flags after --."""
+    before = read_json(Path(args.out) / "table.json")
+    if isinstance(before, dict) and before.get("mgclip_flags", []) != args.flags:  # its runs were made with others
+        made = " ".join(["--", *before["mgclip_flags"]]) if before.get("mgclip_flags") else "no flags after --"
+        args.fail(f"the runs in --out {args.out} were made with {made}; give the same, or another --out")
 
 
 def check_out(args):
     """--out holds no table made with other flags after --, and can be written."""
-    before = read_json(Path(args.out) / "table.json")
-    if before and before.get("mgclip_flags", []) != args.flags:  # its finished runs would be read as made with these
-        made = " ".join(["--", *before["mgclip_flags"]]) if before.get("mgclip_flags") else "no flags after --"
-        args.fail(f"the runs in --out {args.out} were made with {made}; give the same, or another --out")
+    check_flags(args)
     try:
         (Path(args.out) / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         args.fail(f"cannot write to --out {args.out} ({e.strerror})")
 
 
+def finish(args, rows: list[dict]) -> list[dict]:
+    """The table printed; the rows, or an exit with a line that counts the rows with failed runs."""
+    print(markdown(args, rows), end="")
+    failed = sum(r.get("status", "").startswith("failed") for r in rows)
+    if failed:
+        sys.exit(f"paper.py: failed runs in {failed} of {len(rows)} rows; {Path(args.out) / 'table.md'} gives their "
+                 f"error lines")
+    return rows
+
+
+def as_before(run: dict, before) -> dict:
+    """--report-only: a run without a summary.json that the last table showed as failed stays failed, its error line
+    kept; others are as read."""
+    if run["status"] == "pending" and isinstance(before, dict) and before.get("status") == "failed":
+        return dict(run, status="failed", error=before.get("error"))
+    return run
+
+
+def runs_before(table: dict) -> dict:
+    """The runs of the table last written, by (dataset, variant, seed)."""
+    runs = {}
+    for r in table.get("rows", []):
+        for run in r.get("runs", []):
+            runs[r["dataset"], r["variant"], run["seed"]] = run
+    return runs
+
+
+def report(args) -> list[dict]:
+    """--report-only: the table, tasks.csv and the figures rebuilt from the runs in --out; nothing run, no run folder
+    written."""
+    check_flags(args)
+    before = runs_before(args.table)
+    entries = plan(args)
+    runs = {}
+    for bench, variant, seeds in entries:
+        if variant is None:  # a benchmark without data: a note, no runs
+            continue
+        for seed in seeds:
+            key = (bench.dataset, variant, seed)
+            runs[key] = as_before(one_run(args, bench, variant, seed, run=False), before.get(key))
+    rows = rows_of(args, entries, runs)
+    write_tables(args, rows)
+    plt = pyplot()
+    if plt:
+        for bench in args.benches:
+            figure(args, bench, rows, plt)
+    return finish(args, rows)
+
+
 def main(argv=None) -> list[dict]:
     """Every selected run, read or made; the table written first with every row (pending until run), rewritten after
-    each run; a figure per benchmark once its runs are done; the table printed."""
+    each run; a figure per benchmark once its runs are done; the table printed. --report-only: read, never made."""
     args = parse_args(argv)
+    if args.report_only:
+        return report(args)
     check_out(args)
     entries = plan(args)
     runs = {(b.dataset, v, s): one_run(args, b, v, s, run=False) for b, v, seeds in entries if v for s in seeds}
@@ -511,13 +757,7 @@ def main(argv=None) -> list[dict]:
     except KeyboardInterrupt:
         print("paper.py: interrupted; the same command continues the table (finished runs are kept)", file=sys.stderr)
         sys.exit(130)
-    rows = rows_of(args, entries, runs)
-    print(markdown(args, rows), end="")
-    failed = sum(r.get("status", "").startswith("failed") for r in rows)
-    if failed:
-        sys.exit(f"paper.py: failed runs in {failed} of {len(rows)} rows; {Path(args.out) / 'table.md'} gives their "
-                 f"error lines")
-    return rows
+    return finish(args, rows_of(args, entries, runs))
 
 
 if __name__ == "__main__":

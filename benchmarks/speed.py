@@ -147,8 +147,8 @@ def measure(args) -> dict:
                  bare_train=timed(bare_train, args.batch_size, device, args.repeats),
                  train=timed(train_step, args.batch_size, device, args.repeats),
                  bare_eval=timed(bare_eval, args.eval_batch_size, device, args.repeats),
-                 eval=timed(lambda: M.probabilities(model, x_eval, text, w, amp=amp), args.eval_batch_size, device,
-                            args.repeats))
+                 eval=timed(lambda: M.fuse_scores(*M.branch_logits(model, x_eval, text, w, amp)), args.eval_batch_size,
+                            device, args.repeats))
     speed.update(train_cost_ratio=speed["bare_train"] / speed["train"],
                  eval_cost_ratio=speed["bare_eval"] / speed["eval"],
                  peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)

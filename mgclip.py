@@ -1,25 +1,24 @@
-"""MG-CLIP in one file: "Mind the Gap: Preserving and Compensating for the Modality Gap in CLIP-Based Continual
-Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task, without replay:
+"""MG-CLIP in one file: "Mind the Gap: Preserving and Compensating for the Modality Gap in CLIP-Based
+Continual Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task after task, without replay:
 
     add LoRA (B = 0) to W_k, W_v of every attention block of both towers; freeze the rest   add_lora
-    for task t = 1..T, with only task t's training images:                                  learn_tasks, learn_task
+    for task t = 1..T, with only task t's training images:                                  learn_tasks
         S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts    measure_gap
         t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch  search_epochs
-            e where S- drifts by more than alpha = 10% from the pre-trained S-(0), E* =
-            max(e - 1, 1) for every task; task 1 keeps the probe's first epoch if E* = 1, else
-            restarts from the untouched LoRA (if no epoch drifts, E* = 10: the probe is the training)
+            e where S- drifts by more than alpha = 10% from the pre-trained S-(0), E* = max(e - 1, 1) for all
+            tasks; task 1 keeps the probe's epoch 1 if E* = 1, else restarts from B = 0 (no drift: E* = 10)
         fine-tune LoRA for E* epochs: cross-entropy of s cos(v, t_c) over task t's classes  finetune
-        image features v of task t's training images; S+ / S- after                       image_features, modality_gap
-        gap compensation: cosine-classifier rows for task t's classes start at their class train_visual_classifier
-            means of v and train on v; the rows of earlier tasks stay as they are
+        image features v of task t's training images; S+ / S- after                       image_features
+        gap compensation: task t's cosine-classifier rows start at their class means  train_visual_classifier
+            of v and train on v; the rows of earlier tasks stay as they are
         predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  evaluate
     Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting        continual_metrics
 
-    python mgclip.py --dataset cifar100 --tasks 10     # the paper's CIFAR-100 B0 Inc10: Avg 87.00 / Last 80.57
-    python mgclip.py --dataset synthetic --model tiny  # offline demo on a CPU, ~10 s: Avg 46.48 / Last 32.81
+    python mgclip.py --dataset cifar100   # the paper's CIFAR-100 B0 Inc10 (10 tasks): Avg 87.00 / Last 80.57
+    python mgclip.py --dataset synthetic  # offline, a tiny CLIP on a CPU, ~10 s: Avg 46.48 / Last 32.81
 
-Evidence: compared end to end with the authors' code (linlany/MindtheGap) on the CPU in fp32: LoRA gradients, S+ / S-,
-the search's E*, the classifier's weights and every prediction agree to ~1e-5; the tests pin the synthetic numbers.
+Evidence: against the authors' code (linlany/MindtheGap), on the CPU in fp32, LoRA's gradients, S+ / S-, E*,
+the classifier's weights and every prediction agree to ~1e-5; the tests pin the synthetic numbers.
 """
 __version__ = "2026.12"
 
@@ -57,20 +56,18 @@ try:
     import torchvision
     import torchvision.transforms.v2.functional as TF
     from torchvision.datasets.folder import make_dataset
-except RuntimeError as e:  # "operator torchvision::nms does not exist": a torchvision built for another torch
+except RuntimeError as e:  # "operator torchvision::nms does not exist": built for another torch
     minor, patch = torch.__version__.split("+")[0].split(".")[1:3]
     index = " --index-url https://download.pytorch.org/whl/cpu" if torch.version.cuda is None else ""
     sys.exit(f"mgclip: error: torchvision {importlib.metadata.version('torchvision')} does not fit torch "
-             f"{torch.__version__} ({e}); install the pair from one index: pip install torch=={torch.__version__} "
-             f"torchvision==0.{int(minor) + 15}.{patch}{index}")
+             f"{torch.__version__} ({e}); install the pair from one index: pip install "
+             f"torch=={torch.__version__} torchvision==0.{int(minor) + 15}.{patch}{index}")
 from tqdm.auto import tqdm
 
 
 # ==================================================================================================== BEGIN METHOD
-# The contracts (README, Copying the method block), checked at the block's boundary by the guards at its end: labels
-# are class-order positions, tokens[c] is the prompt of the class at position c; batches are re-iterables of
-# (normalised float images, int64 labels) on the model's device; the model comes from add_lora, the block sets its mode.
-# Imports to paste above:
+# Copied alone (README, Copying the method block), it needs these imports above it; what it is given is checked once,
+# at its boundary, by the guards at its end:
 # import math
 # import typing
 # from contextlib import contextmanager, nullcontext
@@ -306,7 +303,6 @@ def evaluate(model, batches, text_feats, classifier, fusion=(1.0, 4.0), amp=None
     return correct.cpu(), count.cpu()
 
 
-@torch.no_grad()
 def branch_logits(model, x, text_feats, classifier, amp=None):
     """One batch's s cos(v, t_c) (text branch) and cos(v, w_c) (rows normalised here; classifier None: w = t)."""
     model.eval()
@@ -338,8 +334,7 @@ def predictor(model, lora, tokens, state, amp=None) -> typing.Callable:
     seen, classifier = load_state(model, lora, tokens, state)
     weights = [p.detach().clone() for p in lora]
     text_feats = text_features(model, tokens[:seen], amp)
-    hyper = state.get("hyper", {})  # states before 2026-12 have none: the default fusion
-    fusion = (hyper.get("text_weight", 1.0), hyper.get("visual_weight", 4.0))
+    hp = Hyper(**state.get("hyper", {}))  # states before 2026-12 have none: the default fusion
 
     @torch.no_grad()
     def probabilities(x):
@@ -348,7 +343,8 @@ def predictor(model, lora, tokens, state, amp=None) -> typing.Callable:
         # each branch's own probabilities: one softmax (the fusion's second on the text branch only flattens it)
         if classifier is None:  # without compensation, the text branch alone predicts
             return text_logits.softmax(-1), text_logits.softmax(-1), None
-        return fuse_scores(text_logits, vis_logits, fusion), text_logits.softmax(-1), vis_logits.softmax(-1)
+        fused = fuse_scores(text_logits, vis_logits, (hp.text_weight, hp.visual_weight))
+        return fused, text_logits.softmax(-1), vis_logits.softmax(-1)
     return probabilities
 
 
@@ -383,8 +379,7 @@ def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
 
 
 def add_lora(model: nn.Module, hp: Hyper | None = None) -> list[nn.Parameter]:
-    """Freeze an open_clip CLIP, put LoRA of hp's rank and alpha (None: Hyper()'s) on W_k, W_v of each attention block
-    of both towers; return LoRA's weights."""
+    """Freeze an open_clip CLIP, put LoRA of hp's rank and alpha on W_k, W_v of every attention block; LoRA's weights."""
     check_model(model)
     hp = Hyper() if hp is None else hp
     if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
@@ -446,8 +441,7 @@ def check_hyper(hp: Hyper):
 
 
 def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, state=None) -> list[Task]:
-    """Refuse, before any work, what would train nothing or give a silently wrong number (each line says what to do);
-    returns the tasks still to learn."""
+    """Refuse, before any work, what would train nothing or give a silently wrong number; the tasks still to learn."""
     check_model(model, lora)
     m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
     if (m.A.shape[1], m.scale * m.A.shape[1]) != (hp.lora_rank, hp.lora_alpha):
@@ -550,7 +544,7 @@ class UserError(ValueError):
 
 
 def read_text(path, fix: str) -> str:
-    """A text file's contents, or one line that names it, says what is wrong with it and what to do (`fix`)."""
+    """A text file's contents, or a UserError that names it, says what is wrong and what to do (`fix`)."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -559,9 +553,9 @@ def read_text(path, fix: str) -> str:
 
 
 def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> list[range]:
-    """Cut the class order (positions 0..C-1) into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
+    """Cut class positions 0..C-1 into T tasks: B classes first (B = 0: all evenly), the rest evenly."""
     if num_classes < 2:
-        raise UserError(f"the benchmark has {num_classes} class; a class-incremental run needs at least 2 (a task too)")
+        raise UserError(f"the benchmark has {num_classes} class; a class-incremental run needs at least 2")
     if initial_increment > num_classes:
         raise UserError(f"--initial-increment {initial_increment} is more than the {num_classes} classes")
     first = 1 if initial_increment else 0  # the first task of B classes, then tasks of (C - B) / k classes
@@ -572,10 +566,10 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
         after = f" after --initial-increment {initial_increment}" if initial_increment else ""
         fits = [b for b in range(2, num_classes) if tasks > 1 and (num_classes - b) % (tasks - 1) == 0
                 and num_classes - b >= 2 * (tasks - 1)]  # B classes first, then tasks of 2 or more
-        target = initial_increment or num_classes / max(tasks, 1)
-        other = f", or --tasks {tasks} --initial-increment {min(fits, key=lambda b: abs(b - target))}" if fits else ""
-        raise UserError(f"{num_classes} classes do not split evenly into --tasks {tasks} of at least 2 classes "
-                        f"each{after}; use --tasks {works or 1}{other}")
+        fits.sort(key=lambda b: abs(b - (initial_increment or num_classes / max(tasks, 1))))
+        other = f", or --tasks {tasks} --initial-increment {fits[0]}" if fits else ""
+        raise UserError(f"{num_classes} classes do not split evenly into --tasks {tasks} of at least 2 "
+                        f"classes each{after}; use --tasks {works or 1}{other}")
     bounds = [sum(sizes[:i]) for i in range(tasks + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(tasks)]
 
@@ -583,7 +577,7 @@ def split_tasks(num_classes: int, tasks: int, initial_increment: int = 0) -> lis
 def class_order(cfg, num_classes: int, default=None) -> list[int]:
     """The class at each position: --class-order FILE, else the dataset's published order, else seeded."""
     if cfg.class_order:
-        rule = f"--class-order lists each class index 0..{num_classes - 1} once, split by spaces, commas or new lines"
+        rule = f"list each class index 0..{num_classes - 1} once, split by spaces, commas or new lines"
         tokens = read_text(cfg.class_order, rule).replace(",", " ").strip("[] \n").split()
         problems = [f"'{t}' is not a class index" for t in tokens if not t.lstrip("-").isdigit()]
         order = [] if problems else [int(t) for t in tokens]
@@ -599,9 +593,9 @@ def class_order(cfg, num_classes: int, default=None) -> list[int]:
 
 
 def input_transform(preprocess: dict) -> typing.Callable:
-    """open_clip's test transform of a preprocess config, PIL image -> uint8 (3, H, W); mean, std: Clip.input."""
+    """open_clip's test transform of a preprocess config, PIL image -> uint8 (Clip.input normalises)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    steps = image_transform_v2(PreprocessCfg(**preprocess), is_train=False).transforms[:-2]  # no ToTensor, Normalize
+    steps = image_transform_v2(PreprocessCfg(**preprocess), is_train=False).transforms[:-2]
     return torchvision.transforms.Compose(steps + [TF.pil_to_tensor])
 
 
@@ -609,7 +603,7 @@ PIL.Image.MAX_IMAGE_PIXELS = None  # a dataset's large images are photographs, n
 
 
 def unreadable(paths: list[str]) -> tuple[int, list[str]]:
-    """In a loader worker: PIL reads the header of each image file (verify); returns the count and the failures."""
+    """In a loader worker: PIL verifies each image file's header; returns the count and the failures."""
     bad = []
     for path in paths:
         try:
@@ -621,7 +615,7 @@ def unreadable(paths: list[str]) -> tuple[int, list[str]]:
 
 
 def check_images(files: list[str], workers: int, progress: bool, fix="delete them, or replace them with readable copies"):
-    """Every image file's header, read in loader workers before task 1: broken files are named now, not hours later."""
+    """Read each image file's header in loader workers before task 1: broken files are named now."""
     workers = min(workers, os.cpu_count() or 1) if files else 0  # nothing to check: no worker to start
     loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=workers, collate_fn=unreadable)
     bad = []
@@ -637,56 +631,44 @@ def read_image(path: str, transform: typing.Callable | None) -> torch.Tensor:
     """One image file, decoded by PIL as RGB and prepared like open_clip does."""
     try:
         with PIL.Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16- / 32-bit integers, scaled to 8 bits: convert would clip them to white
+            if image.mode.startswith("I"):  # 16- / 32-bit integers, scaled: convert would clip them to white
                 pixels = numpy.asarray(image, dtype=numpy.float64)
                 top = 65535 if pixels.max() <= 65535 else 2**32 - 1
                 image = PIL.Image.fromarray((pixels * 255 / top).round().astype(numpy.uint8))
             image = image.convert("RGB")
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); replace it with a readable copy (deleting it "
-                        f"changes the data, so a run in progress would have to start afresh)") from None
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); replace it with a readable copy "
+                        f"(deleting it changes the data: a run in progress would start afresh)") from None
     return transform(image) if transform else TF.pil_to_tensor(image)
 
 
 @dataclass
 class Split(torch.utils.data.Dataset):
-    """One split: labels as class-order positions, pixels as a uint8 (N, 3, H, W) tensor or as image files."""
+    """One split: labels as class-order positions, pixels as a uint8 (N, 3, H, W) tensor or image files."""
     labels: torch.Tensor
     pixels: torch.Tensor | None = None
     files: list[str] | None = None
-    transform: typing.Callable | None = None  # the model's input_transform, in the loader workers; None: as stored
+    transform: typing.Callable | None = None  # input_transform, run in the loader workers; None: as stored
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, idx):  # idx: a list of indices, so one call returns a whole batch
+    def __getitem__(self, i):
         if self.files is not None:
-            x = torch.stack([read_image(self.files[i], self.transform) for i in idx])
+            x = read_image(self.files[i], self.transform)
         elif self.transform is not None:
-            x = torch.stack([self.transform(PIL.Image.fromarray(self.pixels[i].permute(1, 2, 0).numpy())) for i in idx])
+            x = self.transform(TF.to_pil_image(self.pixels[i]))
         else:
-            x = self.pixels[idx]
-        return x, self.labels[idx]
+            x = self.pixels[i]
+        return x, self.labels[i]
 
 
-class Joined(torch.utils.data.Dataset):
+class Joined(torch.utils.data.ConcatDataset):
     """Splits one after another in one index space: the test images of a run continued on new classes."""
 
     def __init__(self, parts: list[Split]):
-        self.parts, self.labels = parts, torch.cat([part.labels for part in parts])
-        self.starts = numpy.cumsum([0] + [len(part) for part in parts])
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, idx):
-        part = numpy.searchsorted(self.starts, idx, side="right") - 1
-        xs, ys = [], []
-        for k in sorted(set(part)):  # an evaluation's indices are in order: each part gives its own run of them
-            x, y = self.parts[k][[int(i - self.starts[k]) for i, p in zip(idx, part) if p == k]]
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
+        super().__init__(parts)
+        self.labels = torch.cat([part.labels for part in parts])
 
 
 @dataclass
@@ -700,7 +682,7 @@ class Benchmark:
 
     def record(self) -> dict:
         """What identifies the data of a run: its class names in order and its (new) images' counts."""
-        test = self.test.parts[-1] if self.learned_from else self.test
+        test = self.test.datasets[-1] if self.learned_from else self.test
         return dict(classnames=self.classnames, train_images=len(self.train), test_images=len(test))
 
 
@@ -753,14 +735,14 @@ def unpickle(path: Path, *keys):
             d = pickle.load(fh, encoding="latin1")
         return [d[k] for k in keys]
     except Exception as e:
-        raise UserError(f"corrupt CIFAR-100 file {path} ({type(e).__name__}); delete it and download again") from None
+        raise UserError(f"{path} is corrupt ({type(e).__name__}); delete it and download again") from None
 
 
 def load_cifar100(cfg) -> Benchmark:
     """CIFAR-100 in torchvision's on-disk format under --data-root, downloaded only if missing."""
     files = [Path(cfg.data_root) / "cifar-100-python" / name for name in ("train", "test", "meta")]
     missing = [f for f in files if not f.is_file()]
-    if missing and (Path(cfg.data_root) / "meta").is_file():  # torchvision would download a second copy inside it
+    if missing and (Path(cfg.data_root) / "meta").is_file():  # else torchvision downloads a copy in it
         raise UserError(f"--data-root {cfg.data_root} is cifar-100-python/ itself; point it at the folder above it")
     if missing:
         download(cfg, "CIFAR-100", missing[0], "--data-root",
@@ -772,26 +754,26 @@ def load_cifar100(cfg) -> Benchmark:
         labels = torch.as_tensor(labels)
         shape_ok = getattr(pixels, "shape", ())[1:] == (3072,) and len(labels) == len(pixels) > 0
         if not shape_ok or labels.min() < 0 or labels.max() > 99:
-            raise UserError(f"{f} holds no CIFAR-100 images (3072 bytes, a label 0..99 each); delete it, re-download")
+            raise UserError(f"{f} has no CIFAR-100 images (3072 bytes, label 0..99); delete it, re-download")
         splits.append(Split(where[labels], torch.from_numpy(pixels).reshape(-1, 3, 32, 32)))
     names = unpickle(files[2], "fine_label_names")[0]
     if len(names) != 100:
-        raise UserError(f"{files[2]} names {len(names)} classes, CIFAR-100 has 100; delete it and download again")
+        raise UserError(f"{files[2]} names {len(names)} classes, CIFAR-100 has 100; delete it, re-download")
     return Benchmark(*splits, [names[i] for i in order], order)
 
 
 def load_food101(cfg) -> Benchmark:
-    """Food-101's test split (for zero-shot retention) in torchvision's layout: food-101/images/, food-101/meta/."""
+    """Food-101's test split (for zero-shot retention) in torchvision's layout: food-101/images/, meta/."""
     meta = Path(cfg.data_root) / "food-101" / "meta"
     if not (meta / "test.json").is_file():
         download(cfg, "Food-101", meta / "test.json", "--zeroshot-root",
                  lambda: torchvision.datasets.Food101(cfg.data_root, split="test", download=True))
-    fix = "point --zeroshot-root at the folder holding torchvision's food-101/"
+    fix = "point --zeroshot-root at the folder of torchvision's food-101/"
     classes = read_text(meta / "classes.txt", fix).split()
     try:
         listed = json.loads(read_text(meta / "test.json", fix))  # {class: ["class/id", ...]}
     except json.JSONDecodeError:
-        raise UserError(f"{meta / 'test.json'} is not JSON; delete food-101/ to download it again, or {fix}") from None
+        raise UserError(f"{meta / 'test.json'} is not JSON; delete food-101/ to download it again") from None
     images = meta.parent / "images"
     files = [(str(images / f"{item}.jpg"), y) for y, c in enumerate(classes) for item in listed.get(c, [])]
     test = Split(torch.tensor([y for _, y in files], dtype=torch.long), files=[f for f, _ in files])
@@ -800,7 +782,7 @@ def load_food101(cfg) -> Benchmark:
 
 
 def synthetic_benchmark(cfg) -> Benchmark:
-    """A deterministic toy benchmark: each class is a coarse colour layout plus noise, with a made-up name."""
+    """A seeded toy benchmark: each class is a coarse colour layout plus noise, with a made-up name."""
     g = torch.Generator().manual_seed(cfg.seed)
     n, size = cfg.syn_classes, cfg.syn_size
     layouts = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
@@ -812,7 +794,7 @@ def synthetic_benchmark(cfg) -> Benchmark:
         x = layouts[labels] + 0.1 * torch.randn(len(labels), 3, size, size, generator=g)
         return Split(where[labels], (x.clamp(0, 1) * 255).round().to(torch.uint8))
 
-    syllables = ["ka", "lo", "mi", "zu", "ter", "vin", "sol", "pra", "dex", "nu", "ri", "bo", "fen", "gla", "tor"]
+    syllables = "ka lo mi zu ter vin sol pra dex nu ri bo fen gla tor".split()
     names = set()
     while len(names) < n:
         names.add("".join(syllables[i] for i in torch.randint(len(syllables), (3,), generator=g)))
@@ -841,7 +823,7 @@ def skipped_kinds(paths: list[str]) -> str:
 
 
 def folder_split(folder: Path, classes: list[str]) -> Split:
-    """Images of folder/<class>/, found as ImageFolder finds them (any extension PIL opens), labelled by position."""
+    """Images of folder/<class>/ as ImageFolder finds them (any extension PIL opens), labelled by position."""
     skipped = []
 
     def keep(path: str) -> bool:
@@ -859,7 +841,7 @@ def folder_split(folder: Path, classes: list[str]) -> Split:
 
 
 def split_raw_imagenet_r(root: Path, classes: list[str], seed: int) -> tuple[Split, Split]:
-    """The raw ImageNet-R download (ROOT/<wnid>/, no split): 80% train / 20% test per class, fixed by the seed."""
+    """The raw ImageNet-R download (ROOT/<wnid>/, no split): 80% train / 20% test per class, by the seed."""
     whole, test = folder_split(root, classes), []
     for pos in range(len(classes)):
         idx = torch.nonzero(whole.labels == pos).squeeze(1)
@@ -875,23 +857,23 @@ def wordnet_ids(listing: str) -> list[str]:
 
 
 def imagenet_r_names(wnids: list[str]) -> list[str]:
-    """ImageNet-R's class names as the authors' prompts spell them: each id's first WordNet lemma, with underscores."""
+    """ImageNet-R's class names as the authors spell them: each id's first WordNet lemma, underscored."""
     lines = pkgutil.get_data("timm", "data/_info/imagenet_synset_to_lemma.txt").decode().splitlines()
     lemmas = dict(line.split("\t", 1) for line in lines)
     return [lemmas[w].split(",")[0].strip().replace(" ", "_") for w in wnids]
 
 
 def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str], list[str], list[int]]:
-    """The class folders of `source` (sorted), their names and the class order; test_dir, if given, holds the same."""
+    """The class folders of `source` (sorted), their names and class order; test_dir must hold the same."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     folders = class_folders(source)
     if not folders:
-        raise UserError(f"no class folders in {source}; expected {source}/<class>/ with the images of each class")
+        raise UserError(f"no class folders in {source}; expected {source}/<class>/ folders of images")
     if test_dir is not None and folders != class_folders(test_dir):
         sides = ((test_dir, folders, class_folders(test_dir)), (source, class_folders(test_dir), folders))
         lacks = [f"{where} lacks {', '.join(sorted(set(have) - set(its))[:3])}" for where, have, its in sides
                  if set(have) - set(its)]
-        raise UserError(f"the class folders of {source} and {test_dir} differ: {'; '.join(lacks)}; make them match")
+        raise UserError(f"the class folders differ: {'; '.join(lacks)}; make them match")
     imagenet, imagenet_r = wordnet_ids("imagenet_synsets.txt"), wordnet_ids("imagenet_r_synsets.txt")
     if cfg.dataset == "imagenet100" and folders == imagenet:
         folders = folders[:100]  # a full ImageNet-1K: ImageNet-100 is its first 100 classes
@@ -901,20 +883,20 @@ def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str],
              "vtab": ([n.strip() for n in VTAB_CLASSES.split(";")], range(50), None)}
     if cfg.dataset in known:
         names, order, wnids = known[cfg.dataset]
-        if wnids is not None and folders != wnids:  # another "ImageNet-100" (CMC's, Kaggle's) would be misnamed
+        if wnids is not None and folders != wnids:  # another "ImageNet-100" (CMC's) would be misnamed
             extra, missing = [f for f in folders if f not in wnids], [w for w in wnids if w not in folders]
-            raise UserError(f"{source} does not hold --dataset {cfg.dataset}'s classes: {len(extra)} class folders "
-                            f"are not its WordNet ids ({', '.join(extra[:3])}) and {len(missing)} ids have no folder "
-                            f"({', '.join(missing[:3])}); point --data-root at that dataset, or use --dataset folder")
+            raise UserError(f"{source} does not hold --dataset {cfg.dataset}'s classes: {len(extra)} class "
+                            f"folders are not its WordNet ids ({', '.join(extra[:3])}), {len(missing)} ids have "
+                            f"no folder ({', '.join(missing[:3])}); point --data-root at it, or use --dataset folder")
         if len(folders) != len(names):
             raise UserError(f"{source} holds {len(folders)} class folders; --dataset {cfg.dataset} has {len(names)}")
-        if cfg.dataset == "vtab":  # its folder names vary between downloads: say which got which of the authors' names
+        if cfg.dataset == "vtab":  # folder names vary between downloads: say which name each got
             log.info("VTAB's class folders, named: " + ", ".join(f"{f} = {n}" for f, n in zip(folders, names)))
         return folders, list(names), class_order(cfg, len(names), order)
     names = [n.replace("_", " ") for n in folders]
     listed = source.parent / "classnames.txt"
     if listed.is_file():
-        names = [n.strip() for n in read_text(listed, "give one class name per line").splitlines() if n.strip()]
+        names = [n.strip() for n in read_text(listed, "give one name per line").splitlines() if n.strip()]
         if len(names) != len(folders):
             raise UserError(f"{listed} has {len(names)} names for {len(folders)} class folders; "
                             f"give one name per line in sorted folder order")
@@ -922,8 +904,8 @@ def folder_classes(cfg, source: Path, test_dir: Path | None) -> tuple[list[str],
 
 
 def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[Split, Split]:
-    """The train and test images the authors' lists name: RAPF's (a line 'train', paths, a line 'test', paths) or
-    continuum's ('train/<wnid>/x.JPEG 0' lines; paths outside train/ are test images); labelled by class folder."""
+    """The images of the authors' train and test lists, by class folder: RAPF's (a line 'train', paths, a
+    line 'test', paths) or continuum's ('train/<wnid>/x.JPEG 0' lines; other paths are test images)."""
     where, listed = {c: pos for pos, c in enumerate(classes)}, {"train": [], "test": []}
     for path in paths:
         lines = read_text(path, "give the authors' --split-file lists").splitlines()
@@ -932,12 +914,12 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
             if line.lower() in ("train", "test"):
                 section = line.lower()
                 continue
-            file = os.path.relpath(os.path.join(root, line.split()[0]), root)  # an absolute path under root too
+            file = os.path.relpath(os.path.join(root, line.split()[0]), root)  # absolute ones too
             listed[section or ("train" if file.startswith("train/") else "test")].append(root / file)
     both = set(listed["train"]) & set(listed["test"])
     if both:  # a test image trained on would score itself
-        raise UserError(f"--split-file lists {len(both)} images as train and test images (e.g. {min(both)}); give "
-                        f"the dataset's train and test lists, which share no image")
+        raise UserError(f"--split-file lists {len(both)} images as train and test images (e.g. {min(both)}); "
+                        f"give the dataset's train and test lists, which share no image")
     splits = []
     for part, files in listed.items():
         for file in files:
@@ -950,23 +932,23 @@ def read_split_files(paths: list[str], root: Path, classes: list[str]) -> tuple[
         empty = next((c for c in classes if c not in present), None)
         if twice or empty:
             problem = f"lists {twice} twice" if twice else f"lists no {part} image of class {empty}"
-            raise UserError(f"--split-file {problem}; give each image once, the train and the test list of the dataset")
+            raise UserError(f"--split-file {problem}; give each image once, in the train and test lists")
         files = sorted(files, key=lambda f: (where[f.parent.name], str(f)))
         splits.append(Split(torch.tensor([where[f.parent.name] for f in files]), files=[str(f) for f in files]))
     return splits[0], splits[1]
 
 
 def load_image_folders(cfg) -> Benchmark:
-    """ImageNet-100, ImageNet-R, ImageNet-1K, VTAB or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
+    """ImageNet-100, -R, -1K, VTAB or any ROOT/train/<class>/ + ROOT/val|test/<class>/ tree."""
     root = Path(cfg.data_root)
-    tests = ("test", "val") if cfg.dataset in ("imagenet-r", "vtab") else ("val", "test")  # the authors' test/
+    tests = ("test", "val") if cfg.dataset in ("imagenet-r", "vtab") else ("val", "test")  # their test/
     test_dir = next((root / s for s in tests if (root / s).is_dir()), None)
     raw = cfg.dataset == "imagenet-r" and not (root / "train").is_dir()  # the raw download: ROOT/<wnid>/
     if raw and not (root / "n01443537").is_dir():
-        raise UserError(f"{root} holds neither train/ and test/ nor ImageNet-R's class folders (n01443537/, ...); "
-                        f"point --data-root at the extracted imagenet-r folder")
+        raise UserError(f"{root} has neither train/ and test/ nor ImageNet-R's class folders (n01443537/, "
+                        f"...); point --data-root at the extracted imagenet-r folder")
     if not raw and not (root / "train").is_dir():
-        raise UserError(f"--data-root {root} has no train/; expected {root}/train/<class>/ and {root}/val/<class>/")
+        raise UserError(f"--data-root {root} has no train/; expected train/<class>/ and val/<class>/ in it")
     if not raw and test_dir is None and not cfg.split_file:
         raise UserError(f"no {root / 'val'} or {root / 'test'} folder next to {root / 'train'}")
     compare = None if raw or cfg.split_file else test_dir  # a split list names its own images
@@ -982,19 +964,19 @@ def load_image_folders(cfg) -> Benchmark:
 
 
 def load_benchmark(cfg) -> Benchmark:
-    """The benchmark named by --dataset (or food101, for zero-shot), labels already in class-order positions."""
+    """The benchmark named by --dataset (or food101), labelled by class-order position."""
     loaders = dict(cifar100=load_cifar100, synthetic=synthetic_benchmark, food101=load_food101)
     return loaders.get(cfg.dataset, load_image_folders)(cfg)
 
 
 # ======================================================================================= Settings and the command line
 def arg(default, group: str, help: str, **accepts):
-    """A settings field: its default, --help group and text, and what argparse accepts (choices, low, above)."""
+    """A Settings field: its default, --help group and text, and what argparse accepts (choices, low, ...)."""
     return field(default=default, metadata=dict(group=group, help=help, **accepts))
 
 
 METHOD, ABLATIONS, DATA, RUN = "method", "ablations", "data", "run and outputs"  # the groups of --help
-# The authors' settings per dataset (imagenet: their imagenet1000 config; vtab, folder: their CIFAR-100 one, ours).
+# The authors' settings per dataset (imagenet: their imagenet1000 config; vtab, folder: our pick, CIFAR-100's).
 CIFAR100 = dict(tasks=10, lr=1e-3, batch_size=128, vis_lr=5e-4, vis_batch_size=64, vis_epochs=3, seed=42,
                 model="ViT-B-16")
 DATASET_DEFAULTS = {
@@ -1012,31 +994,31 @@ DATASET_DEFAULTS = {
 class Settings:
     """Every knob of a run; each field is a command-line flag (--tasks, --vis-lr, ...). None: per-dataset default."""
     model: str | None = arg(None, METHOD, "open_clip model name, or 'tiny' (a random-init toy CLIP)")
-    pretrained: str | None = arg(None, METHOD, "open_clip weight tag, file or 'none' (default: openai; tiny: none)")
+    pretrained: str | None = arg(None, METHOD, "weight tag, file or 'none' (default: openai; tiny: none)")
     lora_rank: int = arg(8, METHOD, "LoRA rank r", low=1)
-    lora_alpha: float = arg(1.0, METHOD, "delta W = lora_alpha / r * B @ A (not gap preservation's --alpha)", above=0)
+    lora_alpha: float = arg(1.0, METHOD, "scales B @ A by it / r (not gap preservation's --alpha)", above=0)
     prompt: str = arg("a good photo of a {}.", METHOD, "prompt template; {} becomes the class name")
     lr: float | None = arg(None, METHOD, "Adam learning rate of LoRA", above=0)
     batch_size: int | None = arg(None, METHOD, "training batch", low=1)
-    epochs: int | None = arg(None, METHOD, "epochs per task (default: gap preservation's E*); 0: no fine-tuning", low=0)
-    alpha: float = arg(0.1, METHOD, "gap search: max |S-(e) - S-(0)| / |S-(0)| (not LoRA's --lora-alpha)", above=0)
+    epochs: int | None = arg(None, METHOD, "task epochs (default: searched E*); 0: no fine-tuning", low=0)
+    alpha: float = arg(0.1, METHOD, "max drift |S-(e) - S-(0)| / |S-(0)| (not LoRA's --lora-alpha)", above=0)
     max_epochs: int = arg(10, METHOD, "gap preservation: most epochs searched on task 1", low=1)
     vis_lr: float | None = arg(None, METHOD, "visual classifier learning rate", above=0)
     vis_batch_size: int | None = arg(None, METHOD, "visual classifier batch", low=1)
     vis_epochs: int | None = arg(None, METHOD, "visual classifier epochs per task", low=0)
-    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics; on a CPU plain fp32), fp32 (strict) or bf16 "
-                         "(autocast)", choices=("tf32", "fp32", "bf16"))
+    precision: str = arg("tf32", METHOD, "tf32 (the authors' numerics; on a CPU plain fp32), fp32 (strict) "
+                         "or bf16 (autocast)", choices=("tf32", "fp32", "bf16"))
     text_weight: float = arg(1.0, METHOD, "fusion weight of the text branch", low=0)
     visual_weight: float = arg(4.0, METHOD, "fusion weight of the visual classifier", low=0)
-    preservation: bool = arg(True, ABLATIONS, "no epoch search: every task trains --max-epochs (or --epochs) epochs")
+    preservation: bool = arg(True, ABLATIONS, "no epoch search: each task trains --max-epochs (or --epochs)")
     compensation: bool = arg(True, ABLATIONS, "turn gap compensation off: the text branch alone predicts")
     dataset: str = arg("cifar100", DATA, "the benchmark", choices=tuple(DATASET_DEFAULTS))
     data_root: str = arg("data", DATA, "folder of cifar-100-python/, or of train/ and val/ (or test/)")
     tasks: int | None = arg(None, DATA, "number of tasks T", low=1)
     initial_increment: int = arg(0, DATA, "classes in the first task; 0 splits all classes evenly", low=0)
-    class_order: str | None = arg(None, DATA, "file that lists each class index (from 0) once, in the order to learn "
-                                  "them, split by spaces, commas or new lines (default: published order, or seeded)")
-    split_file: list[str] | None = arg(None, DATA, "the authors' split lists (RAPF's, continuum's), in --data-root")
+    class_order: str | None = arg(None, DATA, "file: each class index (from 0) once, in learning order, "
+                                  "split by spaces, commas or new lines (default: published, or seeded)")
+    split_file: list[str] | None = arg(None, DATA, "train/test lists of --data-root (RAPF's, continuum's)")
     download: bool = arg(True, DATA, "never download weights, CIFAR-100 or Food-101 (as HF_HUB_OFFLINE=1)")
     syn_classes: int = arg(20, DATA, "synthetic: number of classes", low=2)
     syn_train: int = arg(48, DATA, "synthetic: training images per class", low=1)
@@ -1044,20 +1026,18 @@ class Settings:
     syn_size: int = arg(32, DATA, "synthetic: image side in pixels", low=8)
     seed: int | None = arg(None, RUN, "random seed", low=0, high=2**32 - 1)
     device: str = arg("auto", RUN, "auto | cuda | cuda:N | mps | cpu")
-    workers: int = arg(4, RUN, "data-loader processes that decode and resize images; 0: in the main process", low=0)
+    workers: int = arg(4, RUN, "loader workers that decode and resize images; 0: in the main process", low=0)
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
-    out: str | None = arg(None, RUN, "output folder (default: runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant])")
-    resume: str | None = arg(None, RUN, "continue the run in this --out folder (or its checkpoint.pt)", metavar="RUN")
-    continue_from: str | None = arg(None, RUN, "teach the finished run in RUN new classes: those of --dataset and "
-                                    "--data-root (in --tasks, default 1), into a new --out (default: RUN+<data folder>)",
-                                    metavar="RUN")
-    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images before and after the "
-                                    "run: what it retains", choices=("food101", *DATASET_DEFAULTS))
+    out: str | None = arg(None, RUN, "folder, default runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant]")
+    resume: str | None = arg(None, RUN, "resume run RUN (its --out folder or checkpoint.pt)", metavar="RUN")
+    continue_from: str | None = arg(None, RUN, "teach finished run RUN the classes of --data-root in --tasks"
+                                    " (default 1), into --out (default: RUN+<data folder>)", metavar="RUN")
+    zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images before and "
+                                    "after the run: what it retains", choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
     progress: bool = arg(False, RUN, "show progress bars even when stderr is not a terminal")
-    predict: list[str] | None = arg(None, RUN, "classify images (files, folders) with the last finished task of the "
-                                    "run in RUN: per image, its path and --top-k classes with probabilities",
-                                    metavar=("RUN PATH", "PATH"))
+    predict: list[str] | None = arg(None, RUN, "classify images (files, folders) with RUN's last task: their"
+                                    " paths, --top-k classes, probabilities", metavar=("RUN PATH", "PATH"))
     top_k: int = arg(5, RUN, "--predict: the classes printed per image", low=1)
 
 
@@ -1074,7 +1054,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, low=None, above=None, high=None):
-    """An argparse type: a finite `kind` number of at least `low` or greater than `above`, and at most `high`."""
+    """An argparse type: a finite `kind` number, at least `low`, greater than `above` and at most `high`."""
     def parse(text):
         value = kind(text)
         if not math.isfinite(value):
@@ -1097,7 +1077,7 @@ USAGE = """mgclip.py [--dataset NAME] [--data-root DIR] [--tasks T] [FLAG ...]  
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Settings field, in --help groups; on/off flags only in the direction a user types them."""
+    """One flag per Settings field, in --help groups; on/off flags only in the direction they are typed."""
     parser = Parser(usage=USAGE, description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
                     "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                     epilog="environment: HF_HUB_OFFLINE=1 never downloads (as --no-download); HF_HOME is where the "
@@ -1120,7 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
             default = "" if f.default is None else f" (default: {f.default})"
             if f.name in CIFAR100:
                 default = " (default: " + ", ".join(f"{d} {v[f.name]}" for d, v in DATASET_DEFAULTS.items()) + ")"
-            kind = number(kind, **meta) if kind in (int, float) else kind  # argparse's metavar: NAME, or {choices}
+            kind = number(kind, **meta) if kind in (int, float) else kind
             group.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=meta.get("metavar"),
                                help=text + default)
     return parser
@@ -1158,13 +1138,13 @@ def parse_settings(argv=None) -> Settings:
             cfg.out = f"{cfg.continue_from.rstrip('/')}+{Path(cfg.data_root).resolve().name}"
         if cfg.out is None:
             suffix = "" if variant(cfg) == "mgclip" else "-" + variant(cfg)
-            suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run has a folder of its own
+            suffix += "" if cfg.epochs is None else f"-epochs{cfg.epochs}"  # a zero-shot run: its own folder
             cfg.out = f"runs/{cfg.dataset}-{cfg.model.replace('/', '_')}-T{cfg.tasks}-seed{cfg.seed}{suffix}"
         if cfg.continue_from:
             check_new_classes(cfg)
         if not (Path(cfg.out) / "checkpoint.pt").is_file():
             return cfg
-        out, wanted = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job): continue it, never overwrite it
+        out, wanted = cfg.out, dataclasses.asdict(cfg)  # a rerun (a resubmitted job) continues, never overwrites
         fix = f"continue that run with --resume {out} (its own settings), or give another --out"
     # a setting that an older run lacks had today's default, but precision: runs before --precision were fp32
     saved = {**dataclasses.asdict(Settings()), "precision": "fp32", **load_checkpoint(out)["settings"]}
@@ -1247,25 +1227,25 @@ def check_typed(typed: dict):
 
 
 def check_settings(cfg: Settings):
-    """Refuse at once the combinations that would fail later or silently train nothing, saying what is allowed."""
+    """Refuse at once what would fail later or silently train nothing, saying what is allowed."""
     if cfg.model == "tiny" and cfg.pretrained != "none":
-        raise UserError("--model tiny is a random-init toy CLIP; drop --pretrained or pass --pretrained none")
+        raise UserError("--model tiny has random weights; drop --pretrained or pass --pretrained none")
     if cfg.text_weight + cfg.visual_weight <= 0:
         raise UserError("--text-weight and --visual-weight must not both be 0")
     if cfg.prompt.count("{") != 1 or cfg.prompt.count("}") != 1 or "{}" not in cfg.prompt:
-        raise UserError(f"--prompt '{cfg.prompt}' needs exactly one {{}} for the class name, e.g. 'a photo of a {{}}.'")
+        raise UserError(f"--prompt '{cfg.prompt}' needs exactly one {{}}, where the class name goes")
     if cfg.split_file and cfg.dataset in ("cifar100", "synthetic"):
         raise UserError(f"--split-file is for the image-folder datasets, not --dataset {cfg.dataset}")
     if cfg.out is not None and not cfg.out.strip():
         raise UserError("--out '' names no folder; give one, or drop --out for runs/<dataset>-<model>-...")
-    if cfg.zeroshot_root and not cfg.zeroshot_eval:  # here, not in check_typed: --resume may add them to a run
+    if cfg.zeroshot_root and not cfg.zeroshot_eval:  # not in check_typed: --resume may add both to a run
         raise UserError("--zeroshot-root cannot act: no --zeroshot-eval names the data it holds; drop it")
     if cfg.zeroshot_eval == cfg.dataset and (cfg.dataset == "synthetic" or cfg.zeroshot_root in (None, cfg.data_root)):
-        raise UserError(f"--zeroshot-eval {cfg.dataset} is the data the run trains on, not a measure of what it "
-                        f"retains; give another dataset (the paper: food101)")
+        raise UserError(f"--zeroshot-eval {cfg.dataset} is the data the run trains on, not a measure of "
+                        f"what it retains; give another dataset (the paper: food101)")
     if cfg.zeroshot_eval not in (None, "synthetic") and not cfg.zeroshot_root:
-        raise UserError(f"--zeroshot-eval {cfg.zeroshot_eval} needs --zeroshot-root DIR, the folder of its data "
-                        f"(Food-101 is downloaded there when missing)")
+        raise UserError(f"--zeroshot-eval {cfg.zeroshot_eval} needs --zeroshot-root DIR, the folder of its "
+                        f"data (Food-101 is downloaded there when missing)")
 
 
 def hyper(cfg: Settings) -> Hyper:
@@ -1274,7 +1254,7 @@ def hyper(cfg: Settings) -> Hyper:
 
 
 def variant(cfg: Settings) -> str:
-    """The paper's row: mgclip, no-preservation and / or no-compensation, or zeroshot (no fine-tuning, text branch)."""
+    """The paper's row: mgclip, no-preservation and / or no-compensation, or zeroshot (no training)."""
     if cfg.epochs == 0 and not cfg.compensation:
         return "zeroshot"
     off = [name for name in ("preservation", "compensation") if not getattr(cfg, name)]
@@ -1290,7 +1270,7 @@ TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=8, widt
 
 @dataclass
 class Clip:
-    """An open_clip model with its tokenizer and its input: size, PIL transform (input_transform), mean and std."""
+    """An open_clip model, its tokenizer and input: size, PIL transform (input_transform), mean and std."""
     model: nn.Module
     tokenize: typing.Callable
     image_size: int
@@ -1304,7 +1284,7 @@ class Clip:
 
 
 def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -> Clip:
-    """open_clip's CLIP with weights by tag, from a file or 'none', or the tiny random-init one; tokenizer, input."""
+    """open_clip's CLIP (weights: a tag, a file or 'none') or the tiny random one, its tokenizer and input."""
     import open_clip
     if name == "tiny":
         torch.manual_seed(seed)
@@ -1320,11 +1300,10 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
             tokenize = open_clip.get_tokenizer(name)
         except Exception as e:
             hub = open_clip.get_model_config(name)["text_cfg"].get("hf_tokenizer_name")
-            reason = textwrap.shorten(f"{type(e).__name__}: {e}", 200, placeholder=" ...")  # one line, not its last
-            fix = "pip install transformers" if isinstance(e, ImportError) else "cache it where the hub is reachable"
-            raise UserError(f"--model {name} needs the tokenizer {hub} from Hugging Face ({reason}); {fix}") from None
+            reason = textwrap.shorten(f"{type(e).__name__}: {e}", 200, placeholder=" ...")  # one line
+            fix = "pip install transformers" if isinstance(e, ImportError) else "cache it while online"
+            raise UserError(f"--model {name} needs the tokenizer {hub} ({reason}); {fix}") from None
         model = open_clip_model(name, pretrained)
-    # the size, mean, std, interpolation and resize mode open_clip records for this model and weight tag
     preprocess = {"size": model.visual.image_size, **open_clip.get_model_preprocess_cfg(model)}
     size = preprocess["size"][0] if isinstance(preprocess["size"], (tuple, list)) else preprocess["size"]
     mean = torch.tensor(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
@@ -1333,17 +1312,17 @@ def load_clip(name: str, pretrained: str, device: torch.device, seed: int = 0) -
 
 
 def open_clip_model(name: str, pretrained: str) -> nn.Module:
-    """open_clip's `name` with its weights; each failure is one line that says where the weights were looked for."""
+    """open_clip's `name` with its weights; a failure is one line that says where weights were looked for."""
     import open_clip
     weights = None if pretrained == "none" else pretrained
     is_tag = weights is not None and not os.path.isfile(weights)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if is_tag and weights not in tags:
-        known = f"its tags: {', '.join(tags)}" if tags else "it has no tags: give a file, or --pretrained none"
+        known = f"its tags: {', '.join(tags)}" if tags else "no tags: give a file, or --pretrained none"
         raise UserError(f"--pretrained {weights} is neither a file nor an open_clip tag of {name} ({known})")
     # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU and only warn
     quick_gelu = is_tag and bool(open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"))
-    # a weight file carries no preprocessing: take the one every tag of the model shares (SigLIP's mean 0.5, squash)
+    # a weight file has no preprocessing: take the one all the model's tags share (SigLIP's mean 0.5, squash)
     keys = ("mean", "std", "interpolation", "resize_mode")
     shared = {tuple(open_clip.get_pretrained_cfg(name, tag).get(k) for k in keys) for tag in tags}
     preprocess = dict(zip(keys, shared.pop())) if weights and not is_tag and len(shared) == 1 else None
@@ -1356,12 +1335,11 @@ def open_clip_model(name: str, pretrained: str) -> nn.Module:
         if weights is None:
             raise UserError(f"open_clip could not build --model {name} ({reason})") from None
         if not is_tag:
-            raise UserError(f"--pretrained {pretrained} is no checkpoint of --model {name} that open_clip can load "
-                            f"({reason}); give that model's weights, or the --model they belong to") from None
+            raise UserError(f"--pretrained {pretrained} is no checkpoint of --model {name} that open_clip can "
+                            f"load ({reason}); give that model's weights, or its --model") from None
         cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are "
-                        f"looked for in the Hugging Face cache under HF_HOME ({cache}): put them there, pass "
-                        f"--pretrained PATH to a local file, or run where they download") from None
+        raise UserError(f"could not load --pretrained {pretrained} for --model {name} ({reason}); weights are looked "
+                        f"for under HF_HOME ({cache}): put them there, pass --pretrained PATH, or go online") from None
     finally:
         logging.disable(logging.NOTSET)
 
@@ -1370,17 +1348,17 @@ class Feed:
     """One split's DataLoader for the whole run; `clock` sums the seconds and images of the passes per phase."""
 
     def __init__(self, split: Split, clip: Clip, clock: dict, workers: int, progress: bool):
-        decoded = any(s.files is not None or s.transform for s in getattr(split, "parts", [split]))
+        decoded = any(s.files is not None or s.transform for s in getattr(split, "datasets", [split]))
         workers = min(workers, os.cpu_count() or 1) if decoded else 0
-        self.order = []  # the loader's sampler: the index batches of the pass about to start, set in place
+        self.order = []  # the loader's batch sampler: the index batches of the pass about to start, set in place
         self.loader = torch.utils.data.DataLoader(
-            split, sampler=self.order, batch_size=None, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
+            split, batch_sampler=self.order, num_workers=workers, pin_memory=clip.mean.device.type == "cuda",
             prefetch_factor=4 if workers else None, persistent_workers=workers > 0)  # started once, for every pass
         self.split, self.clip, self.clock, self.progress = split, clip, clock, progress
 
 
 class Batches:
-    """Model-ready (images, labels) of some classes of a split, a pass per iteration; seeded: reshuffled each epoch."""
+    """Model-ready (images, labels) of a split's classes, a pass per iteration; seeded: reshuffled per epoch."""
 
     def __init__(self, feed: Feed, classes: range, batch_size: int, phase: str, seed: int | None = None):
         labels = feed.split.labels
@@ -1425,8 +1403,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
-    """The towers' numerics, and their autocast dtype: tf32 (TF32 matmuls and convolutions on CUDA, as the authors'
-    torch 1.8), fp32 (strict) or bf16 (autocast, with TF32; LoRA's B @ A is rounded like its weight). README, Run."""
+    """TF32 on CUDA unless fp32 (as the authors' torch 1.8); returns bf16's autocast dtype or None. README, Run."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
@@ -1434,7 +1411,7 @@ def set_precision(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def settle_offline(cfg: Settings):
-    """Offline on --no-download or when the hub (or HF_ENDPOINT) sends no HTTP answer in 3 s: never a retry loop."""
+    """Offline on --no-download or if the hub (HF_ENDPOINT) sends no HTTP answer in 3 s: no retry loop."""
     with suppress(OSError, ValueError):  # refused, unknown, silent for 3 s, or a malformed HF_ENDPOINT
         if not download_forbidden(cfg):
             with suppress(urllib.request.HTTPError):  # an HTTP answer, even an error page: the hub is there
@@ -1447,7 +1424,7 @@ def settle_offline(cfg: Settings):
 
 @dataclass
 class Run:
-    """What the plumbing of a run holds: the data, CLIP with its LoRA, the prompts, the tasks' batches, the clock."""
+    """What a run's plumbing holds: data, CLIP with its LoRA, the prompts, the tasks' batches, the clock."""
     data: Benchmark
     clip: Clip
     lora: list[nn.Parameter]
@@ -1478,7 +1455,7 @@ def set_up(cfg: Settings) -> Run:
     zcfg = dataclasses.replace(cfg, dataset=cfg.zeroshot_eval, class_order=None, split_file=None,
                                data_root=cfg.zeroshot_root or cfg.data_root)  # any --dataset, or food101
     zeroshot = load_benchmark(zcfg) if cfg.zeroshot_eval else None
-    splits = [data.train, *getattr(data.test, "parts", [data.test])] + ([zeroshot.test] if zeroshot else [])
+    splits = [data.train, *getattr(data.test, "datasets", [data.test])] + ([zeroshot.test] if zeroshot else [])
     progress = cfg.progress or sys.stderr.isatty()
     check_images([file for split in splits if split.files for file in split.files], cfg.workers, progress)
     if cfg.model != "tiny":
@@ -1589,7 +1566,7 @@ def summary_line(summary: dict) -> str:
 
 
 def run_record(device: str) -> dict:
-    """What ran, where: the command line, the code's git version, the library versions, the host and the device."""
+    """What ran, where: the command line, the code's git version, library versions, host and device."""
     try:
         code = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
@@ -1647,6 +1624,7 @@ def predict_images(cfg: Settings):
     names = state.get("data", {}).get("classnames")  # checkpoints before 2026-11 lack them
     if not names:
         raise UserError(f"--predict {out}: its checkpoint.pt names no classes (a run before 2026-11)")
+    state.setdefault("hyper", asdict(hyper(cfg)))  # runs before 2026-12: the fusion weights of their settings
     files = images_to_predict(cfg.predict[1:])
     check_images(files, cfg.workers, cfg.progress, "give only images that PIL reads")
     seen = state["rows"][-1]["classes"][1]
@@ -1715,7 +1693,7 @@ def still_training(out: str) -> bool:
 
 
 def zeroshot_accuracy(model, batches, tokens, amp=None) -> float:
-    """Zero-shot top-1 (%) of the text branch on another dataset's test batches, with its own class prompts."""
+    """Zero-shot top-1 (%) of the text branch on another dataset's test batches and class prompts."""
     correct, count = evaluate(model, batches, text_features(model, tokens, amp), None, amp=amp)
     return accuracy(correct[1], count, range(len(tokens)))
 
@@ -1821,7 +1799,7 @@ def setup_logging(out: Path, append: bool):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, SIGHUP (ssh dropped) or SIGUSR1 (SLURM's warning), handled as Ctrl-C: one line says how to resume."""
+    """SIGTERM, SIGHUP (ssh dropped) or SIGUSR1 (SLURM's warning), as Ctrl-C: one line says how to resume."""
 
 
 def terminate(signum, frame):
@@ -1875,20 +1853,18 @@ def main(argv=None):
 
 
 # ============================================================== Class lists and orders, out of the reader's way
-# The authors' lists: VTAB's class names (dataset_reqs/vtab_classes.txt, in ImageFolder order), ORDER[p]: class at p.
-VTAB_CLASSES = """
-airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church; circular farmland; cloud;
-banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked; crosshatched; crystalline; Abyssinian Cat;
-American Bulldog; American Pit Bull Terrier; Basset Hound; Beagle; Bengal Cat; Birman; Bombay Cat; Boxer Dog;
-British Shorthair Cat; AnnualCrop; Forest; HerbaceousVegetation; Highway; Industrial; Pasture; PermanentCrop;
-Residential; River; SeaLake; petunia; wild pansy; primula; sunflower; pelargonium; bishop of llandaff; gaura;
-geranium; orange dahlia; pink-yellow dahlia
-"""
+# The authors' lists: VTAB's class names (dataset_reqs/vtab_classes.txt, ImageFolder order); ORDER[p]: class at p.
+VTAB_CLASSES = """airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church;
+circular farmland; cloud; banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked;
+crosshatched; crystalline; Abyssinian Cat; American Bulldog; American Pit Bull Terrier; Basset Hound; Beagle;
+Bengal Cat; Birman; Bombay Cat; Boxer Dog; British Shorthair Cat; AnnualCrop; Forest; HerbaceousVegetation;
+Highway; Industrial; Pasture; PermanentCrop; Residential; River; SeaLake; petunia; wild pansy; primula;
+sunflower; pelargonium; bishop of llandaff; gaura; geranium; orange dahlia; pink-yellow dahlia"""
 CIFAR100_ORDER = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32,
                   45, 88, 11, 4, 67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73,
                   1, 28, 6, 46, 62, 82, 53, 9, 31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89,
                   43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56, 48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39]
-IMAGENET100_ORDER = numpy.random.RandomState(1993).permutation(100).tolist()  # the seed of continuum and PyCIL
+IMAGENET100_ORDER = numpy.random.RandomState(1993).permutation(100).tolist()  # continuum's and PyCIL's seed
 IMAGENET_R_ORDER = [
     150, 119, 193, 2, 75, 179, 129, 68, 145, 53, 171, 133, 31, 103, 146, 174, 149, 40, 142, 30, 183, 156, 167, 166,
     124, 56, 109, 198, 185, 170, 51, 55, 77, 32, 45, 23, 115, 39, 134, 177, 12, 126, 130, 37, 19, 34, 0, 135, 161, 108,

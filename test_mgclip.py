@@ -399,7 +399,7 @@ def test_folder_dataset_runs_end_to_end_with_names_and_order(tmp_path):
     # sorted folders: blue_jay elm fir oak red_fox sea_otter; underscores become spaces
     assert data.classnames == ["sea otter", "blue jay", "elm", "fir", "oak", "red fox"]
     assert len(data.train) == 24 and len(data.test) == 12
-    x, y = data.train[[0, 4]]
+    x, y = torch.utils.data.default_collate([data.train[0], data.train[4]])
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 30, 40) and y.tolist() == [0, 1]
     s = M.run(cfg)
     assert len(s["acc"]) == 3 and s["acc"][0] > 50  # one colour per class: easy

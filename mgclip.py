@@ -65,7 +65,7 @@ except RuntimeError as e:  # "operator torchvision::nms does not exist": built f
 from tqdm.auto import tqdm
 
 
-# ==================================================================================================== BEGIN METHOD
+# ======================================================================================================== BEGIN METHOD
 # Copied alone (README, Copying the method block), it needs these imports above it; what it is given is checked once,
 # at its boundary, by the guards at its end:
 # import math
@@ -84,7 +84,7 @@ class Hyper:
     lr: float = 1e-3  # Adam on LoRA
     epochs: int | None = None  # E*; None: found by gap preservation on task 1
     max_epochs: int = 10  # the search's longest probe; without preservation, every task's epochs
-    alpha: float = 0.1  # gap preservation's tolerance on the relative drift of S-
+    alpha: float = 0.1  # tolerance on |S-(e) - S-(0)| / |S-(0)|; S- = mean s cos(image, other classes' prompts)
     vis_lr: float = 5e-4  # the visual classifier's Adam
     vis_batch_size: int = 64
     vis_epochs: int = 3
@@ -100,7 +100,7 @@ class Hyper:
 
 @dataclass
 class Task:
-    """A task: its classes, its training images (train: the epochs; train_eval: no gradient), seen classes' test images."""
+    """A task: its classes, its training images (train: epochs; train_eval: no gradient), seen classes' test images."""
     classes: range
     train: typing.Iterable
     train_eval: typing.Iterable
@@ -111,10 +111,10 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
     """MG-CLIP task after task on a model fresh from add_lora(model, hp); yields each task's state. Given a state, it
     goes on with the tasks it has not learned: the new ones alone, or all (those it learned are skipped)."""
     tasks = check_contract(model, lora, tokens, tasks, hp, amp, state)  # the tasks still to learn
-    if state is None:  # E* is None until the search on task 1 sets it
+    if state is None:  # E*: hp.epochs if set; max_epochs without preservation; else None, searched on task 1
         epochs = hp.max_epochs if hp.epochs is None and not hp.preservation else hp.epochs
         state = dict(rows=[], epochs=epochs, classifier=None, lora=[p.detach().to("cpu", copy=True) for p in lora])
-    classifier = load_state(model, lora, tokens, state)[1]
+    classifier = load_state(model, lora, tokens, state)[1]  # LoRA and the visual classifier W of the state
     torch.set_rng_state(state.get("rng", torch.get_rng_state()))  # a shuffled DataLoader goes on as if never stopped
     ranges = [range(*row["classes"]) for row in state["rows"]]  # the classes of each task learned so far
     total = len(ranges) + len(tasks)
@@ -137,7 +137,8 @@ def learn_tasks(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, sta
 
 def learn_task(model, lora, tokens, task: Task, ranges: list[range], epochs, classifier, hp: Hyper, amp=None,
                report=print):
-    """Task t = len(ranges), the algorithm box (epochs None: search E*); returns its metrics, the grown W and E*."""
+    """Task t = len(ranges): measure the gap, fine-tune LoRA E* epochs (None: search E*), grow the visual classifier W
+    by this task's rows, evaluate the fusion; returns the task's metrics, W and E*."""
     t, classes, seen_tokens = len(ranges), task.classes, tokens[: task.classes.stop]
     with pretrained_clip(model):  # as the authors, "before" is the pre-trained CLIP: S-(0) of the search
         before = measure_gap(model, task.train_eval, seen_tokens, amp)
@@ -159,7 +160,7 @@ def learn_task(model, lora, tokens, task: Task, ranges: list[range], epochs, cla
         classifier = train_visual_classifier(classifier, feats, labels, classes, hp.vis_lr, hp.vis_batch_size,
                                              hp.vis_epochs, hp.seed + t)
     correct, count = evaluate(model, task.test, text_seen, classifier, (hp.text_weight, hp.visual_weight), amp)
-    fused = correct[0] if hp.compensation else correct[1]  # without compensation, the text branch decides
+    fused = correct[0] if hp.compensation else correct[1]  # rows: 0 fused, 1 text, 2 visual; without W: text
     seen = range(0, classes.stop)
     row.update(epochs=epochs, acc=accuracy(fused, count, seen), acc_text=accuracy(correct[1], count, seen),
                acc_visual=accuracy(correct[2], count, seen) if hp.compensation else None,
@@ -182,8 +183,9 @@ def measure_gap(model, batches, seen_tokens, amp=None) -> dict:
 # per task would cost a probe and a retrain each task, and S- would drift through the earlier tasks' training too.
 def search_epochs(model, lora, train_batches, train_eval, tokens, classes: range, lr: float, max_epochs: int,
                   s_minus_0: float, alpha: float, amp=None, report=print):
-    """Gap preservation: fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)| > alpha;
-    returns E* = max(e - 1, 1), whether LoRA holds task 1's training already (else: back at its start), the trace."""
+    """Gap preservation: probe, i.e. fine-tune over max_epochs up to the first epoch e with |S-(e) - S-(0)| / |S-(0)|
+    > alpha; returns E* = max(e - 1, 1), whether LoRA holds task 1's training (E* = 1, or no drift: else back at B = 0,
+    for a retrain over E*), and the trace."""
     start, trace = [p.detach().clone() for p in lora], []
     for epoch, loss, lr_now in finetune(model, lora, train_batches, tokens, classes, lr, max_epochs, amp):
         if epoch == 1:
@@ -314,7 +316,8 @@ def branch_logits(model, x, text_feats, classifier, amp=None):
 
 def fuse_scores(text_logits, visual_logits, fusion=(1.0, 4.0)):
     """The authors' fusion: (w_t * softmax(softmax(s cos(v, t))) + w_v * softmax(cos(v, w))) / (w_t + w_v)."""
-    # the authors' double softmax, kept for the paper's numbers; both branches are flat: either can decide (README)
+    # the authors' double softmax, kept for the paper's numbers: softmaxed probabilities and temperature-free cosines
+    # are both near-uniform, so either branch can decide
     p_text = text_logits.float().softmax(-1).softmax(-1)
     return (fusion[0] * p_text + fusion[1] * visual_logits.float().softmax(-1)) / (fusion[0] + fusion[1])
 
@@ -324,22 +327,49 @@ def accuracy(correct, count, classes: range) -> float | None:
     if correct.dim() != 1:
         raise ValueError("pass one row of evaluate's counts: [0] fused, [1] text branch, [2] visual classifier")
     images = count[classes.start: classes.stop].sum().item()
-    return 100.0 * correct[classes.start: classes.stop].sum().item() / images if images else None  # not 0: forgetting
+    return 100.0 * correct[classes.start: classes.stop].sum().item() / images if images else None  # 0 = forgotten
 
 
-# --------------------------------------------------------------------------------- classifying with a learned state
+# ---------------------------------------------------------------------------- a state: loading it, classifying with it
+def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
+    """Load a state of learn_tasks (or checkpoint.pt) taken on this model and prompts; returns seen classes and W."""
+    seen = state["rows"][-1]["classes"][1] if state["rows"] else 0
+    saved, now = state.get("taken_on", {}), taken_on(model, tokens, seen)  # {}: before task 1, or before 2026-12
+    differ = [f"{k} {saved[k]} (here: {now[k]})" for k in ("rank", "lora_alpha", "frozen_weights")  # a checksum
+              if k in saved and not math.isclose(saved[k], now[k], rel_tol=1e-9)]
+    prompts = zip(saved.get("prompt_hashes", []), now["prompt_hashes"])
+    differ += [f"the prompt of class {c}" for c, (a, b) in enumerate(prompts) if a != b][:1]
+    if differ:
+        raise ValueError(f"the state was taken on another model or other prompts: {', '.join(differ)}; load it into "
+                         f"the model it was trained on (the same weights, add_lora rank and alpha, and prompts)")
+    if state["classifier"] is not None and len(state["classifier"]) != seen:
+        raise ValueError(f"the state's classifier has {len(state['classifier'])} rows for {seen} classes: not its own")
+    set_lora(lora, state["lora"])
+    return seen, None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
+
+
+def taken_on(model, tokens, seen: int) -> dict:
+    """What a state holds LoRA for: its rank and alpha, a checksum of the frozen weights, the seen classes' prompts."""
+    m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
+    weights = sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad).item()
+    return dict(rank=m.A.shape[1], lora_alpha=m.scale * m.A.shape[1], frozen_weights=weights,
+                prompt_hashes=[hash(tuple(prompt)) for prompt in tokens[:seen].tolist()])
+
+
 def predictor(model, lora, tokens, state, amp=None) -> typing.Callable:
     """The state's classifier: a function of a batch x -> the fused probabilities (B, C) over its seen classes (argmax:
-    the prediction) and each branch's. It puts the state's LoRA back first, so t_c, W and LoRA always belong together."""
-    seen, classifier = load_state(model, lora, tokens, state)
+    the prediction) and each branch's. Each batch runs with the state's LoRA, and the model's comes back after."""
     weights = [p.detach().clone() for p in lora]
-    text_feats = text_features(model, tokens[:seen], amp)
+    with lora_as(lora, weights):  # load_state writes the state's LoRA: the model's comes back after
+        seen, classifier = load_state(model, lora, tokens, state)
+        weights = [p.detach().clone() for p in lora]
+        text_feats = text_features(model, tokens[:seen], amp)
     hp = Hyper(**state.get("hyper", {}))  # states before 2026-12 have none: the default fusion
 
     @torch.no_grad()
     def probabilities(x):
-        set_lora(lora, weights)
-        text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
+        with lora_as(lora, weights):  # t_c, W and LoRA always of one state; a training loop around goes on unharmed
+            text_logits, vis_logits = branch_logits(model, x, text_feats, classifier, amp)
         # each branch's own probabilities: one softmax (the fusion's second on the text branch only flattens it)
         if classifier is None:  # without compensation, the text branch alone predicts
             return text_logits.softmax(-1), text_logits.softmax(-1), None
@@ -348,7 +378,7 @@ def predictor(model, lora, tokens, state, amp=None) -> typing.Callable:
     return probabilities
 
 
-# -------------------------------------------------------------------------------------------------- LoRA's plumbing
+# ----------------------------------------------------------------------------------------------------- LoRA's plumbing
 class LoRAKeyValue(nn.Module):
     """W + (lora_alpha / r) B_i A_i on the last n row blocks: W_k, W_v of a packed [W_q; W_k; W_v] (n = 2), or one."""
 
@@ -379,7 +409,7 @@ def key_value_weights(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
 
 
 def add_lora(model: nn.Module, hp: Hyper | None = None) -> list[nn.Parameter]:
-    """Freeze an open_clip CLIP, put LoRA of hp's rank and alpha on W_k, W_v of every attention block; LoRA's weights."""
+    """Freeze an open_clip CLIP, add LoRA of hp's rank and alpha to W_k, W_v of every attention block; its weights."""
     check_model(model)
     hp = Hyper() if hp is None else hp
     if any(isinstance(m, LoRAKeyValue) for m in model.modules()):
@@ -410,12 +440,19 @@ def set_lora(lora: list[nn.Parameter], values: list[torch.Tensor]):
 def pretrained_clip(model: nn.Module):
     """Within this block the model is the pre-trained CLIP (every B = 0, whatever LoRA learned); B comes back after."""
     bs = [m.B for m in model.modules() if isinstance(m, LoRAKeyValue)]
-    trained = [b.detach().clone() for b in bs]
-    set_lora(bs, [torch.zeros_like(b) for b in bs])
-    try:
+    with lora_as(bs, [torch.zeros_like(b) for b in bs]):
         yield model
+
+
+@contextmanager
+def lora_as(lora: list[nn.Parameter], values: list[torch.Tensor]):
+    """Within this block LoRA holds `values`; what it held comes back after (training goes on from it)."""
+    held = [p.detach().clone() for p in lora]
+    set_lora(lora, values)
+    try:
+        yield
     finally:
-        set_lora(bs, trained)
+        set_lora(lora, held)
 
 
 @contextmanager
@@ -427,15 +464,19 @@ def forward_context(device: torch.device, amp: torch.dtype | None):
     torch.clear_autocast_cache()  # within a caller's autocast the cache outlives this forward: LoRA changes each step
 
 
-# ======================================================= The guards: what a copy is given, checked at the block's boundary
+# ========================================================= The guards: what the block is given, checked at its boundary
 def check_hyper(hp: Hyper):
     """Refuse hyperparameters that would train or mean nothing, as the command line does."""
     at_least = dict(lora_rank=1, epochs=0, max_epochs=1, vis_batch_size=1, vis_epochs=0, text_weight=0, visual_weight=0)
     for name in ("lora_alpha", "lr", "alpha", "vis_lr", *at_least):
         value, low = getattr(hp, name), at_least.get(name)
-        if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
+        kind = (int, float) if low is None or name.endswith("weight") else int  # a rank, epochs, a batch: whole
+        if value is None and name == "epochs":  # E* searched
+            continue
+        if not (isinstance(value, kind) and math.isfinite(value) and (value > 0 if low is None else value >= low)):
+            number = "a whole number" if kind is int else "a number"
             relation = "greater than 0" if low is None else f"at least {low}"
-            raise ValueError(f"Hyper {name} = {value} would train or mean nothing: make it {relation}")
+            raise ValueError(f"Hyper {name} = {value!r} would train or mean nothing: make it {number} {relation}")
     if hp.text_weight + hp.visual_weight <= 0:
         raise ValueError("Hyper text_weight and visual_weight are both 0: the fusion weighs nothing")
 
@@ -446,7 +487,7 @@ def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, 
     m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
     if (m.A.shape[1], m.scale * m.A.shape[1]) != (hp.lora_rank, hp.lora_alpha):
         raise ValueError("the model's LoRA has another rank or alpha than hp's: add_lora(model, hp) with this hp")
-    if torch.get_default_dtype() != torch.float32 or amp == torch.float16:
+    if torch.get_default_dtype() != torch.float32 or amp not in (None, torch.bfloat16):
         raise ValueError("train in float32 (torch's default dtype), amp None or torch.bfloat16 (fp16 needs a scaler)")
     if not tasks or not all(isinstance(t.classes, range) and t.classes.step == 1 and t.classes for t in tasks):
         raise TypeError("a Task's classes are a range of class positions, range(start, stop), not a list")
@@ -454,12 +495,12 @@ def check_contract(model, lora, tokens, tasks: list[Task], hp: Hyper, amp=None, 
     todo = [task for task in tasks if task.classes not in learned]  # given again or not, a learned task is skipped
     seen = learned[-1].stop if learned else 0
     if todo and [t.classes.start for t in todo] != [seen] + [t.classes.stop for t in todo[:-1]]:
-        raise ValueError(f"the tasks to learn cut the classes into consecutive ranges from {seen}, where the state stops")
+        raise ValueError(f"the tasks to learn cut the classes in consecutive ranges from {seen}, where the state stops")
     stop = todo[-1].classes.stop if todo else seen
     if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or len(tokens) < stop:
         raise TypeError(f"tokens are tokenize(prompts), a prompt for every class up to {stop - 1}, not {len(tokens)}")
     if tokens.shape[-1] != getattr(model, "context_length", tokens.shape[-1]):
-        raise ValueError(f"tokens of {tokens.shape[-1]}, not {model.context_length}: use open_clip.get_tokenizer(model)")
+        raise ValueError(f"tokens of {tokens.shape[-1]}, not {model.context_length}: open_clip.get_tokenizer(name)")
     if any(isinstance(b, typing.Iterator) for task in todo for b in (task.train, task.train_eval, task.test)):
         raise TypeError("batches are re-iterables (a list, a DataLoader); a generator is empty after one pass")
     if hp.epochs is None and hp.preservation and not learned and len(todo[0].classes) < 2:
@@ -485,22 +526,22 @@ def check_model(model: nn.Module, lora: list | None = None):
 
 
 def checked(batches, device: torch.device, classes: range):
-    """The batches as they pass: (normalised float images, int64 labels in `classes`) on `device`. The first batch is
+    """The batches as they pass: (normalised float32 images, int64 labels in `classes`) on `device`. The first batch is
     checked before any step on it; every batch on the device, reported after the pass (no host sync per batch)."""
     wrong, loud, n = 0, 0, 0
     for n, (x, y) in enumerate(batches, 1):
-        if not (x.is_floating_point() and y.dtype == torch.long and x.device == device == y.device):
-            raise TypeError(f"a batch is (float images as the model takes them, int64 labels), both on {device}; got "
-                            f"{x.dtype} images on {x.device}, {y.dtype} labels on {y.device}")
+        tensors = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) > 0
+        if not (tensors and x.dtype == torch.float32 and y.dtype == torch.long and x.device == device == y.device):
+            raise TypeError(f"a batch is a pair (float32 images, int64 labels of shape (B,)), B > 0, both on {device}; "
+                            f"got {getattr(x, 'dtype', type(x))} images, labels {getattr(y, 'shape', type(y))}")
         wrong = wrong + ((y < classes.start) | (y >= classes.stop)).sum()
-        loud = loud + (x.abs().amax() > 20)  # normalised pixels lie within about +-3; 0..255 would predict at chance
-        if n == 1:
-            loud = loud + ((x.amin() >= 0) & (x.amax() <= 1))  # 0..1, ToTensor's: never normalised either
-            if bool(loud + wrong):  # one host sync, before any step on the first batch
-                break
+        # normalised pixels lie within about +-3, some below 0; 0..255 or ToTensor's 0..1 would predict at chance
+        loud = loud + ((x.abs().amax() > 20) | ((x.amin() >= 0) & (x.amax() <= 1)))
+        if n == 1 and bool(loud + wrong):  # one host sync, before any step on the first batch
+            break
         yield x, y.clamp(classes.start, classes.stop - 1)
     if n == 0:
-        raise ValueError("the batches are empty (a generator is, after one pass: pass a list or a DataLoader)")
+        raise ValueError("the batches are empty: give at least one (a generator is empty after one pass: use a list)")
     if int(loud):
         raise ValueError(f"{int(loud)} batches of images were never normalised: (x / 255 - mean) / std")
     if int(wrong):
@@ -508,37 +549,14 @@ def checked(batches, device: torch.device, classes: range):
                          f"be class-order positions within the task's classes (task 2 of 10-class tasks: 10..19)")
 
 
-def load_state(model, lora, tokens, state) -> tuple[int, torch.Tensor | None]:
-    """Load a state of learn_tasks (or checkpoint.pt) taken on this model and prompts; returns seen classes and W."""
-    seen = state["rows"][-1]["classes"][1] if state["rows"] else 0
-    saved, now = state.get("taken_on", {}), taken_on(model, tokens, seen)  # {}: before task 1, or before 2026-12
-    differ = [f"{k} {saved[k]} (here: {now[k]})" for k in ("rank", "lora_alpha", "frozen_weights")
-              if k in saved and not math.isclose(saved[k], now[k], rel_tol=1e-9)]
-    prompts = zip(saved.get("prompt_hashes", []), now["prompt_hashes"])
-    differ += [f"the prompt of class {c}" for c, (a, b) in enumerate(prompts) if a != b][:1]
-    if differ:
-        raise ValueError(f"the state was taken on another model or other prompts: {', '.join(differ)}; load it into "
-                         f"the model it was trained on (the same weights, add_lora rank and alpha, and prompts)")
-    set_lora(lora, state["lora"])
-    return seen, None if state["classifier"] is None else state["classifier"].to(model.logit_scale.device)
-
-
-def taken_on(model, tokens, seen: int) -> dict:
-    """What a state holds LoRA for: its rank and alpha, a checksum of the frozen weights, the seen classes' prompts."""
-    m = next(m for m in model.modules() if isinstance(m, LoRAKeyValue))
-    weights = sum(p.detach().double().abs().sum() for p in model.parameters() if not p.requires_grad).item()
-    return dict(rank=m.A.shape[1], lora_alpha=m.scale * m.A.shape[1], frozen_weights=weights,
-                prompt_hashes=[hash(tuple(prompt)) for prompt in tokens[:seen].tolist()])
-
-
 def finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"non-finite {what} ({value})")
     return value
-# ====================================================================================================== END METHOD
+# ========================================================================================================== END METHOD
 
 
-# ================================================================================ Data: tasks, splits and benchmarks
+# ================================================================================== Data: tasks, splits and benchmarks
 class UserError(ValueError):
     """A mistake in the command line or the data: reported as one line, never a traceback."""
 
@@ -614,7 +632,7 @@ def unreadable(paths: list[str]) -> tuple[int, list[str]]:
     return len(paths), bad
 
 
-def check_images(files: list[str], workers: int, progress: bool, fix="delete them, or replace them with readable copies"):
+def check_images(files: list[str], workers: int, progress: bool, fix="delete them, or replace them by readable copies"):
     """Read each image file's header in loader workers before task 1: broken files are named now."""
     workers = min(workers, os.cpu_count() or 1) if files else 0  # nothing to check: no worker to start
     loader = torch.utils.data.DataLoader(files, batch_size=512, num_workers=workers, collate_fn=unreadable)
@@ -1078,8 +1096,8 @@ USAGE = """mgclip.py [--dataset NAME] [--data-root DIR] [--tasks T] [FLAG ...]  
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field, in --help groups; on/off flags only in the direction they are typed."""
-    parser = Parser(usage=USAGE, description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves and "
-                    "compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False,
+    parser = Parser(usage=USAGE, description="MG-CLIP (ICCV 2025): class-incremental learning on CLIP that preserves "
+                    "and compensates for the modality gap.", argument_default=argparse.SUPPRESS, allow_abbrev=False,
                     epilog="environment: HF_HUB_OFFLINE=1 never downloads (as --no-download); HF_HOME is where the "
                     "weights are cached; HF_ENDPOINT names a hub mirror; OMP_NUM_THREADS=1 speeds up CPU runs on "
                     "shared machines; CUDA_VISIBLE_DEVICES picks the GPUs that --device sees.")
@@ -1261,7 +1279,7 @@ def variant(cfg: Settings) -> str:
     return "-".join("no-" + name for name in off) or "mgclip"
 
 
-# ================================================================== Running it: CLIP, loaders, the run, checkpoints
+# ===================================================================== Running it: CLIP, loaders, the run, checkpoints
 log = logging.getLogger("mgclip")
 # A CLIP small enough to train on a CPU in seconds, built from open_clip's own config classes.
 TINY_CLIP = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
@@ -1484,8 +1502,9 @@ def set_up(cfg: Settings) -> Run:
                           Batches(train, classes, cfg.eval_batch_size, "features"),
                           Batches(test, range(0, classes.stop), cfg.eval_batch_size, "eval")))
     after = f" after the {first} of {cfg.continue_from}" if first else ""
-    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {len(data.classnames) - first} classes{after} ({len(data.train)} "
-             f"training images) in {len(tasks)} tasks, {cfg.model} ({cfg.pretrained}) on {device} in {cfg.precision}, "
+    images = f"{len(data.classnames) - first} classes{after} ({len(data.train)} training images)"
+    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {images} in {len(tasks)} tasks, {cfg.model} "
+             f"({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
     log.info(f"prompts as '{cfg.prompt.format(data.classnames[0])}'")
     return Run(data, clip, lora, tokens, tasks, zeroshot, clock, set_precision(device, cfg.precision), progress)
@@ -1634,7 +1653,7 @@ def predict_images(cfg: Settings):
         finished += " (it is still training)"
     elif seen < len(names):
         finished += f" (it stopped there: --resume {out} finishes it)"
-    print(f"mgclip: predicting with {out} after {finished}: ranking {seen} of its {len(names)} classes", file=sys.stderr)
+    print(f"mgclip: predicting with {out} after {finished}: ranks {seen} of its {len(names)} classes", file=sys.stderr)
     if cfg.top_k > seen:
         print(f"mgclip: --top-k {cfg.top_k} is more than the {seen} classes: printing {seen}", file=sys.stderr)
     device = pick_device(cfg.device)
@@ -1852,7 +1871,7 @@ def main(argv=None):
             signal.signal(signum, handler)
 
 
-# ============================================================== Class lists and orders, out of the reader's way
+# ===================================================================== Class lists and orders, out of the reader's way
 # The authors' lists: VTAB's class names (dataset_reqs/vtab_classes.txt, ImageFolder order); ORDER[p]: class at p.
 VTAB_CLASSES = """airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church;
 circular farmland; cloud; banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked;

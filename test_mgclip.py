@@ -1033,9 +1033,9 @@ def test_copied_functions_refuse_what_would_give_a_silently_wrong_number():
     batches = tiny_batches(clip)  # labels 0, 1
     one_shot = M.finetune(clip.model, lora, (b for b in batches), tokens, range(0, 2), 1e-2, 2)
     next(one_shot)  # a generator serves one epoch, and then it is empty
-    with pytest.raises(ValueError, match="the batches are empty \\(a generator is"):
+    with pytest.raises(ValueError, match="the batches are empty: give at least one"):
         next(one_shot)
-    with pytest.raises(ValueError, match="the batches are empty \\(a generator is"):
+    with pytest.raises(ValueError, match="the batches are empty: give at least one"):
         M.image_features(clip.model, (b for b in []), range(0, 2))
     before = [p.detach().clone() for p in lora]
     with pytest.raises(ValueError, match="class-order positions"):  # task 2 is classes 1..2, labels counted from 0
@@ -1114,7 +1114,8 @@ def test_a_state_loads_only_into_the_model_and_prompts_it_was_taken_on():
         if not lora_args:  # another rank or alpha is another hp, refused as such first
             with pytest.raises(ValueError, match=f"taken on another model or other prompts: .*{named}"):
                 next(M.learn_tasks(other.model, other_lora, prompts, tasks, other_hp, state=state))
-    for change, named in ((dict(epochs=4), "epochs 4 \\(the state: None\\)"), (dict(lr=0.5), "lr 0.5 \\(the state: 0.01\\)"),
+    for change, named in ((dict(epochs=4), "epochs 4 \\(the state: None\\)"),
+                          (dict(lr=0.5), "lr 0.5 \\(the state: 0.01\\)"),
                           (dict(compensation=False), "compensation False \\(the state: True\\)")):
         with pytest.raises(ValueError, match=f"the state learned with other hyperparameters: {named}"):
             next(M.learn_tasks(clip.model, lora, tokens, tasks, dataclasses.replace(hp, **change), state=state))
@@ -1144,8 +1145,12 @@ def test_images_far_outside_the_normalised_range_are_refused_on_the_first_batch(
     later = good + raw + good  # every batch is checked, on the device: refused at the end of the pass
     with pytest.raises(ValueError, match="^1 batches of images were never normalised"):
         next(M.finetune(clip.model, lora, later, tokens, range(0, 2), 1e-2, 1))
-    with pytest.raises(ValueError, match="^2 batches of images were never normalised"):
-        M.image_features(clip.model, later + raw, range(0, 2))
+    with pytest.raises(ValueError, match="^3 batches of images were never normalised"):
+        M.image_features(clip.model, later + unit + raw, range(0, 2))  # 0..1 after the first batch too
+    x, y = good[0]
+    for wrong in ((x.double(), y), (x[:0], y[:0]), ({"pixel_values": x, "labels": y}), (x, y[:, None])):
+        with pytest.raises(TypeError, match="a batch is a pair \\(float32 images, int64 labels of shape .*, B > 0"):
+            M.image_features(clip.model, [wrong], range(0, 2))
 
 
 def test_a_task_that_fails_leaves_the_model_as_the_last_yielded_state():
@@ -1613,7 +1618,7 @@ def test_the_method_refuses_what_would_silently_miscount():
         for call in (lambda: next(M.finetune(clip.model, lora, [batch], tokens, range(0, 2), 1e-2, 1)),
                      lambda: M.image_features(clip.model, [batch], range(0, 2)),
                      lambda: M.evaluate(clip.model, [batch], M.text_features(clip.model, tokens), None)):
-            with pytest.raises(TypeError, match="a batch is \\(float images as the model takes them, int64 labels"):
+            with pytest.raises(TypeError, match="a batch is a pair \\(float32 images, int64 labels of shape"):
                 call()
     task = M.Task(range(0, 2), batches, batches, batches)
     with pytest.raises(ValueError, match="fp16 needs a scaler"):
@@ -1623,7 +1628,7 @@ def test_the_method_refuses_what_would_silently_miscount():
             (list(clip.model.parameters()), [task], tokens, "what add_lora\\(model\\) returned"),  # full fine-tuning
             (lora, [task, M.Task(range(4, 6), batches, batches, batches)], tokens, "consecutive ranges from 0"),
             (lora, [task, M.Task(range(2, 4), batches, batches, batches)], tokens, "up to 3, not 2"),
-            (lora, [task], ["a good photo of a kalo.", "a good photo of a zuter."], "tokens are tokenize\\(prompts\\)")):
+            (lora, [task], ["a good photo of a kalo.", "a good photo of a zuter."], "are tokenize\\(prompts\\)")):
         with pytest.raises((ValueError, TypeError), match=named):
             next(M.learn_tasks(clip.model, lora_given, prompts, tasks, M.Hyper()))
     with M.pretrained_clip(clip.model) as pretrained:
@@ -2446,7 +2451,7 @@ def test_help_answers_which_alpha_and_names_the_environment(capsys):
     assert "HF_HUB_OFFLINE=1" in text and "OMP_NUM_THREADS=1" in text
 
 
-# ---------------------------------------------------------------- keep learning: a finished run learns new classes (issue 35)
+# ---------------------------------------------------------------- keep learning: a run learns new classes (issue 35)
 def write_split_folders(tmp: Path):
     """Classes A (c0..c3), new classes B (d0, d1) and AB, all of them, with the same images; the class order of one run
     over AB that learns A's classes first in A's order (seeded by --seed 0), then B's."""
@@ -2497,7 +2502,7 @@ def test_a_continued_run_is_a_whole_run_predicted_resumed_and_continued(continue
     tmp = continued_runs
     M.main(["--predict", str(tmp / "runA+B"), str(tmp / "B" / "val" / "d0")])
     printed = capsys.readouterr()
-    assert "ranking 6 of its 6 classes" in printed.err and "task 3 of 3" in printed.err
+    assert "ranks 6 of its 6 classes" in printed.err and "task 3 of 3" in printed.err
     assert len(printed.out.splitlines()) == 3 and all(line.count("\t") == 10 for line in printed.out.splitlines())
     for k, c in enumerate(["e0", "e1"]):
         write_images(tmp_path / "C" / "train" / c, 4, seed=20 + k)
@@ -2587,7 +2592,8 @@ def test_the_block_continues_a_state_with_the_new_tasks_alone():
 
 # ---------------------------------------------------------------- the method block, second layer of traps (issue 36)
 def test_hyperparameters_that_train_or_mean_nothing_are_refused():
-    for wrong, named in ((dict(max_epochs=0), "max_epochs = 0 .*at least 1"), (dict(alpha=0.0), "alpha = 0.0 .*greater"),
+    for wrong, named in ((dict(max_epochs=0), "max_epochs = 0 .*at least 1"),
+                         (dict(alpha=0.0), "alpha = 0.0 .*greater"),
                          (dict(lr=float("nan")), "lr = nan"), (dict(lora_rank=0), "lora_rank = 0"),
                          (dict(vis_batch_size=0), "vis_batch_size"), (dict(epochs=-1), "epochs = -1")):
         with pytest.raises(ValueError, match=f"Hyper {named}"):
@@ -2626,7 +2632,7 @@ def test_unclear_crashes_are_one_line_that_names_the_fix():
                            M.Hyper()))
     with pytest.raises(TypeError, match="not a DataParallel"):
         M.add_lora(torch.nn.DataParallel(tiny_clip().model))
-    with pytest.raises(ValueError, match="tokens of 77, not 16: use open_clip.get_tokenizer"):
+    with pytest.raises(ValueError, match="tokens of 77, not 16: open_clip.get_tokenizer\\(name\\)"):
         import open_clip
         long = open_clip.SimpleTokenizer()(["a good photo of a kalo.", "a good photo of a zuter."])
         next(M.learn_tasks(clip.model, lora, long, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper()))
@@ -2642,20 +2648,31 @@ def test_unclear_crashes_are_one_line_that_names_the_fix():
         torch.set_default_dtype(previous)
     with pytest.raises(ValueError, match="another rank or alpha than hp's"):
         next(M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper(lora_alpha=2.0)))
+    with pytest.raises(ValueError, match="amp None or torch.bfloat16"):
+        next(M.learn_tasks(clip.model, lora, tokens, [M.Task(range(0, 2), *[batches] * 3)], M.Hyper(), amp="bf16"))
+    for wrong, named in ((dict(lr="1e-3"), "lr = '1e-3' .* a number greater than 0"),
+                         (dict(lora_rank=2.5), "lora_rank = 2.5 .* a whole number at least 1")):
+        with pytest.raises(ValueError, match=f"Hyper {named}"):
+            M.Hyper(**wrong)
 
 
 def test_a_predictor_keeps_its_states_lora_text_features_and_classifier_together():
-    clip, tokens, tasks = synthetic_tasks(M.Task)
+    """A predictor classifies with its state's LoRA, text features and classifier, and leaves the model's LoRA as it
+    found it: built and called inside the training loop, for an earlier state, it changes no number of the run."""
     hp = M.Hyper(lr=1e-2, epochs=1, vis_lr=2e-3, vis_batch_size=16, seed=0)
+    clip, tokens, tasks = synthetic_tasks(M.Task)
+    plain = list(M.learn_tasks(clip.model, M.add_lora(clip.model, hp), tokens, tasks[:3], hp, report=lambda line: None))
+    clip, tokens, tasks = synthetic_tasks(M.Task)
     lora = M.add_lora(clip.model, hp)
-    states = M.learn_tasks(clip.model, lora, tokens, tasks[:2], hp, report=lambda line: None)
-    first = next(states)
-    classify = M.predictor(clip.model, lora, tokens, first)
     x = next(iter(tasks[0].test))[0]
-    before = classify(x)[0]
-    second = next(states)  # LoRA trains on: the first state's predictor loads its own LoRA for every batch
-    assert torch.equal(classify(x)[0], before) and classify(x)[0].shape[1] == 5
-    assert M.predictor(clip.model, lora, tokens, second)(x)[0].shape[1] == 10
+    states, first, before = [], None, None
+    for state in M.learn_tasks(clip.model, lora, tokens, tasks[:3], hp, report=lambda line: None):
+        states.append(state)
+        first = first or M.predictor(clip.model, lora, tokens, state)
+        before = first(x)[0] if before is None else before
+        assert torch.equal(first(x)[0], before) and before.shape[1] == 5  # the first state's, whatever trains on
+        assert M.predictor(clip.model, lora, tokens, state)(x)[0].shape[1] == state["rows"][-1]["classes"][1]
+    assert [s["rows"] for s in states] == [s["rows"] for s in plain]  # the run is untouched
 
 
 def test_readme_quick_start_teaches_the_demo_new_classes_as_it_shows(synthetic_run, tmp_path):
@@ -2674,3 +2691,57 @@ def test_readme_quick_start_teaches_the_demo_new_classes_as_it_shows(synthetic_r
                         text)
     assert [f"{s[k]:.2f}" for k in ("avg", "last", "forgetting")] == list(printed.groups())
     assert len(s["classnames"]) == 24 and s["classnames"][20:] == ["moss", "plum", "teal", "sand"]
+
+
+# ---------------------------------------------------------------- the first hour: what --predict says (issue 37)
+def test_predict_says_what_it_predicts_with_on_stderr(folder_run, tmp_path, capsys):
+    import fcntl
+    root, run, _ = folder_run
+    M.main(["--predict", str(run), str(root / "val" / "c1"), "--top-k", "9", "--workers", "0"])
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 3 and all(line.count("\t") == 2 * 6 for line in out.out.splitlines())
+    assert f"predicting with {run} after task 3 of 3: ranks 6 of its 6 classes" in out.err
+    assert "--top-k 9 is more than the 6 classes: printing 6" in out.err
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    checkpoint = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    torch.save(dict(checkpoint, rows=checkpoint["rows"][:1]), stopped / "checkpoint.pt")  # rows and W mismatched
+    assert "classifier has 6 rows for 2 classes: not its own" in fail(["--predict", str(stopped), str(root / "val")])
+    checkpoint.update(rows=checkpoint["rows"][:1], classifier=checkpoint["classifier"][:2])  # stopped after task 1
+    torch.save(checkpoint, stopped / "checkpoint.pt")
+    (tmp_path / "photos").mkdir()
+    shutil.copy(root / "val" / "c1" / "img0.png", tmp_path / "photos")
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    M.main(["--predict", str(stopped), str(tmp_path / "photos"), "--top-k", "3", "--workers", "0"])
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 1 and out.out.count("\t") == 2 * 2  # 2 classes learned: 2 ranked
+    assert f"predicting with {stopped} after task 1 of 3 (it stopped there: --resume {stopped} finishes it): ranks " \
+           f"2 of its 6 classes" in out.err
+    assert "--top-k 3 is more than the 2 classes: printing 2" in out.err
+    assert f"skipped what PIL does not open under {tmp_path / 'photos'}: 1 .txt" in out.err
+    assert "notes.txt is no image that PIL opens (1 .txt); give images" in fail(
+        ["--predict", str(run), str(tmp_path / "photos" / "notes.txt")])
+    (tmp_path / "w").mkdir()
+    early = write_settings_only(tmp_path / "w")
+    assert "run its command again" in fail(["--predict", str(early), "x.png"])
+    for folder in (stopped, early):  # another process is training it (a lock is held per open file)
+        with open(folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if folder == stopped:
+                M.main(["--predict", str(stopped), str(tmp_path / "photos"), "--workers", "0"])
+                assert "after task 1 of 3 (it is still training): ranks 2" in capsys.readouterr().err
+            else:
+                assert "no task of that run has finished yet" in fail(["--predict", str(early), "x.png"])
+                assert "wait for its first task" in fail(["--predict", str(early), "x.png"])
+
+
+def test_help_shows_the_four_ways_to_call_it_and_a_random_init_clip_says_so(synthetic_run, capsys):
+    with pytest.raises(SystemExit):
+        M.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[:4]
+    assert [line.split()[1:3] for line in usage] == [["mgclip.py", "[--dataset"], ["--resume", "RUN"],
+                                                     ["--continue-from", "RUN"], ["--predict", "RUN"]]
+    assert usage[0].startswith("usage: mgclip.py") and "--resume RUN" in M.build_parser().format_help()
+    log = (synthetic_run[0] / "log.txt").read_text()
+    assert log.count("a random-init CLIP (--pretrained none): zero-shot is chance, the text branch may sit below "
+                     "it") == 1

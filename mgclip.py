@@ -717,7 +717,8 @@ def continued(cfg, new: Benchmark, earlier: list[dict]) -> Benchmark:
             gone = True
         if gone:
             log.info(f"the test images of classes {len(names)}-{len(names) + len(own) - 1} ({own[0]}, ...) are no "
-                     f"longer at --data-root {part['settings']['data_root']}: their tasks' accuracies are null")
+                     f"longer at --data-root {part['settings']['data_root']} as learned (put them back there to test "
+                     f"them): their tasks' accuracies are null")
         test = Split(torch.zeros(0, dtype=torch.long), files=[]) if gone else old.test
         tests.append(dataclasses.replace(test, labels=test.labels + len(names)))
         names += own
@@ -1048,8 +1049,9 @@ class Settings:
     eval_batch_size: int = arg(256, RUN, "batch for feature passes and evaluation", low=1)
     out: str | None = arg(None, RUN, "folder, default runs/<dataset>-<model>-T<tasks>-seed<seed>[-variant]")
     resume: str | None = arg(None, RUN, "resume run RUN (its --out folder or checkpoint.pt)", metavar="RUN")
-    continue_from: str | None = arg(None, RUN, "teach finished run RUN the classes of --data-root in --tasks"
-                                    " (default 1), into --out (default: RUN+<data folder>)", metavar="RUN")
+    continue_from: str | None = arg(None, RUN, "teach finished run RUN the classes of --data-root (read as its "
+                                    "--dataset unless given) in --tasks (default 1), into --out (default: RUN+<data "
+                                    "folder>)", metavar="RUN")
     zeroshot_eval: str | None = arg(None, RUN, "zero-shot accuracy on this dataset's test images before and "
                                     "after the run: what it retains", choices=("food101", *DATASET_DEFAULTS))
     zeroshot_root: str | None = arg(None, RUN, "--data-root of the --zeroshot-eval dataset")
@@ -1184,6 +1186,9 @@ def continued_settings(typed: dict) -> Settings:
     """--continue-from RUN: RUN's settings but for the new data's flags (--tasks default 1); a flag that would change
     what RUN learned with is refused, naming it."""
     run = typed["continue_from"]
+    if "data_root" not in typed:
+        raise UserError(f"--continue-from {run} needs --data-root NEW, the folder of the new classes (and --dataset "
+                        f"to read it by, default the run's)")
     saved = load_checkpoint(run, "--continue-from")
     names = saved.get("data", {}).get("classnames")
     if not names:
@@ -1197,7 +1202,7 @@ def continued_settings(typed: dict) -> Settings:
         differ = ", ".join(f"{as_typed(k, typed[k])} (the run: {as_typed(k, kept[k])})" for k in changed)
         raise UserError(f"--continue-from {run} goes on with that run's model, prompt and hyperparameters: {differ}; "
                         f"drop those flags")
-    return Settings(**{**kept, "tasks": 1, **typed})
+    return Settings(**{**kept, "tasks": 1, "dataset": saved["settings"]["dataset"], **typed})
 
 
 def check_new_classes(cfg: Settings):
@@ -1503,10 +1508,11 @@ def set_up(cfg: Settings) -> Run:
                           Batches(test, range(0, classes.stop), cfg.eval_batch_size, "eval")))
     after = f" after the {first} of {cfg.continue_from}" if first else ""
     images = f"{len(data.classnames) - first} classes{after} ({len(data.train)} training images)"
-    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {images} in {len(tasks)} tasks, {cfg.model} "
+    in_tasks = "1 task" if len(tasks) == 1 else f"{len(tasks)} tasks"
+    log.info(f"MG-CLIP ({variant(cfg)}) on {cfg.dataset}: {images} in {in_tasks}, {cfg.model} "
              f"({cfg.pretrained}) on {device} in {cfg.precision}, "
              f"{sum(p.numel() for p in lora):,} LoRA parameters, logit scale {clip.model.logit_scale.exp().item():.1f}")
-    log.info(f"prompts as '{cfg.prompt.format(data.classnames[0])}'")
+    log.info(f"prompts as '{cfg.prompt.format(data.classnames[first])}'")
     return Run(data, clip, lora, tokens, tasks, zeroshot, clock, set_precision(device, cfg.precision), progress)
 
 
@@ -1517,7 +1523,8 @@ def run(cfg: Settings) -> dict:
     done = out / "summary.json"
     finished = json.loads(done.read_text()) if cfg.resume and done.is_file() else {}
     if finished and (finished.get("zeroshot") or {}).get("dataset") == cfg.zeroshot_eval:  # all done
-        print(f"the run in {out} has finished: {summary_line(finished)}")
+        print(f"the run in {out} has finished: {summary_line(finished)}; --predict {out} PATH classifies with it, "
+              f"--continue-from {out} teaches it new classes, another --out starts anew")
         return finished
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1566,6 +1573,19 @@ def run(cfg: Settings) -> dict:
         write_json(out / "summary.json", summary)
         log.info(f"{summary_line(summary)}  -> {out}")
         return summary
+
+
+def untested_classes(rows: list[dict]) -> list[list[int]]:
+    """The class ranges [first, last + 1) whose tasks the last task tested no image of (their data gone), merged."""
+    ranges = []
+    for row, acc in zip(rows, rows[-1]["acc_per_task"]):
+        if acc is not None:
+            continue
+        if ranges and ranges[-1][1] == row["classes"][0]:
+            ranges[-1][1] = row["classes"][1]
+        else:
+            ranges.append(list(row["classes"]))
+    return ranges
 
 
 def summary_line(summary: dict) -> str:
@@ -1745,7 +1765,7 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
                    acc_text=[row["acc_text"] for row in rows], acc_visual=[row["acc_visual"] for row in rows],
                    gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows],
                    s_minus_0=rows[0]["gap_before"]["s_minus"], search=rows[0].get("search", []),
-                   untested=[row["classes"] for row, a in zip(rows, rows[-1]["acc_per_task"]) if a is None])
+                   untested=untested_classes(rows))
     if r.zeroshot:
         z = r.zeroshot
         tokens = r.clip.tokenize([cfg.prompt.format(name) for name in z.classnames])

@@ -2473,7 +2473,7 @@ def continued_runs(tmp_path_factory):
     tmp = write_split_folders(tmp_path_factory.mktemp("continue"))
     common = ["--model", "tiny", "--workers", "0", "--dataset", "folder"]
     M.main(common + ["--data-root", str(tmp / "A"), "--tasks", "2", "--out", str(tmp / "runA")])
-    M.main(["--continue-from", str(tmp / "runA"), "--dataset", "folder", "--data-root", str(tmp / "B"),
+    M.main(["--continue-from", str(tmp / "runA"), "--data-root", str(tmp / "B"),  # --dataset: the run's
             "--workers", "0"])
     M.main(common + ["--data-root", str(tmp / "AB"), "--tasks", "3", "--class-order", str(tmp / "order.txt"), "--out",
                      str(tmp / "runAB")])
@@ -2535,10 +2535,10 @@ def test_continuing_without_the_old_test_images_goes_on_and_says_so(continued_ru
     assert rows[:2] == rows_of(tmp / "runA") and rows[2]["acc_per_task"][:2] == [None, None]
     assert rows[2]["acc_per_task"][2] is not None and settings_of["settings"]["data_root"] == str(tmp / "A")
     s = json.loads((tmp_path / "gone" / "summary.json").read_text())
-    assert s["acc_matrix"][-1][:2] == [None, None] and s["untested"] == [[0, 2], [2, 4]] and s["forgetting"] is None
+    assert s["acc_matrix"][-1][:2] == [None, None] and s["untested"] == [[0, 4]] and s["forgetting"] is None
     assert s["last"] == rows[2]["acc"] and s["avg"] == pytest.approx(sum(r["acc"] for r in rows) / 3)
     log = (tmp_path / "gone" / "log.txt").read_text()
-    assert log.count("are no longer at --data-root") == 1 and "without classes 0-1, 2-3: their test images" in log
+    assert log.count("are no longer at --data-root") == 1 and "without classes 0-3: their test images" in log
 
 
 def test_continue_from_refuses_in_one_line_before_anything_is_written(continued_runs, tmp_path):
@@ -2549,6 +2549,7 @@ def test_continue_from_refuses_in_one_line_before_anything_is_written(continued_
     assert "has learned 'c" in fail(["--continue-from", str(tmp / "runA"), "--dataset", "folder",
                                      "--data-root", str(tmp / "AB")])
     assert "no checkpoint.pt there" in fail(["--continue-from", str(tmp_path / "nothing"), *new])
+    assert "needs --data-root NEW, the folder of the new classes" in fail(["--continue-from", str(tmp / "runA")])
     assert "--lr 0.5 (the run: --lr 0.001); drop those flags" in fail(["--continue-from", str(tmp / "runA"), *new,
                                                                         "--lr", "0.5"])
     assert "--no-compensation (the run: without --no-compensation)" in fail(["--continue-from", str(tmp / "runA"),

@@ -688,6 +688,8 @@ def check_out(args):
 def finish(args, rows: list[dict]) -> list[dict]:
     """The table printed; the rows, or an exit with a line that counts the rows with failed runs."""
     print(markdown(args, rows), end="")
+    print(f"paper.py: wrote table.md, table.json, runs.csv, tasks.csv and the figures (<dataset>.png, .pdf) in "
+          f"{args.out}")
     failed = sum(r.get("status", "").startswith("failed") for r in rows)
     if failed:
         sys.exit(f"paper.py: failed runs in {failed} of {len(rows)} rows; {Path(args.out) / 'table.md'} gives their "

@@ -1575,19 +1575,6 @@ def run(cfg: Settings) -> dict:
         return summary
 
 
-def untested_classes(rows: list[dict]) -> list[list[int]]:
-    """The class ranges [first, last + 1) whose tasks the last task tested no image of (their data gone), merged."""
-    ranges = []
-    for row, acc in zip(rows, rows[-1]["acc_per_task"]):
-        if acc is not None:
-            continue
-        if ranges and ranges[-1][1] == row["classes"][0]:
-            ranges[-1][1] = row["classes"][1]
-        else:
-            ranges.append(list(row["classes"]))
-    return ranges
-
-
 def summary_line(summary: dict) -> str:
     """Avg, Last, forgetting, E*, the time and zero-shot retention of a finished run, as its log ends."""
     forgetting = "n/a" if summary["forgetting"] is None else f"{summary['forgetting']:.2f}"
@@ -1595,8 +1582,7 @@ def summary_line(summary: dict) -> str:
     line = (f"Avg {summary['avg']:.2f}  Last {summary['last']:.2f}  forgetting {forgetting}  {epochs} "
             f"{summary['epochs_star']}  {summary['seconds_total']:.1f}s")
     if summary.get("untested"):  # a continued run whose earlier data is gone
-        classes = ", ".join(f"{a}-{b - 1}" for a, b in summary["untested"])
-        line += f"  (without classes {classes}: their test images are gone)"
+        line += f"  (without tasks {', '.join(map(str, summary['untested']))}: their test images are gone)"
     z = summary.get("zeroshot")
     if z:
         kept = 100 * (z["retained"] or 0)
@@ -1765,7 +1751,7 @@ def summarize(r: Run, cfg: Settings, state: dict, record: dict, seconds: float) 
                    acc_text=[row["acc_text"] for row in rows], acc_visual=[row["acc_visual"] for row in rows],
                    gap=[dict(task=row["task"], before=row["gap_before"], after=row["gap_after"]) for row in rows],
                    s_minus_0=rows[0]["gap_before"]["s_minus"], search=rows[0].get("search", []),
-                   untested=untested_classes(rows))
+                   untested=[row["task"] for row, acc in zip(rows, rows[-1]["acc_per_task"]) if acc is None])
     if r.zeroshot:
         z = r.zeroshot
         tokens = r.clip.tokenize([cfg.prompt.format(name) for name in z.classnames])

@@ -2535,10 +2535,10 @@ def test_continuing_without_the_old_test_images_goes_on_and_says_so(continued_ru
     assert rows[:2] == rows_of(tmp / "runA") and rows[2]["acc_per_task"][:2] == [None, None]
     assert rows[2]["acc_per_task"][2] is not None and settings_of["settings"]["data_root"] == str(tmp / "A")
     s = json.loads((tmp_path / "gone" / "summary.json").read_text())
-    assert s["acc_matrix"][-1][:2] == [None, None] and s["untested"] == [[0, 4]] and s["forgetting"] is None
+    assert s["acc_matrix"][-1][:2] == [None, None] and s["untested"] == [1, 2] and s["forgetting"] is None
     assert s["last"] == rows[2]["acc"] and s["avg"] == pytest.approx(sum(r["acc"] for r in rows) / 3)
     log = (tmp_path / "gone" / "log.txt").read_text()
-    assert log.count("are no longer at --data-root") == 1 and "without classes 0-3: their test images" in log
+    assert log.count("are no longer at --data-root") == 1 and "(without tasks 1, 2: their test images" in log
 
 
 def test_continue_from_refuses_in_one_line_before_anything_is_written(continued_runs, tmp_path):

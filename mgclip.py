@@ -3,7 +3,7 @@ Continual Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task 
 
     add LoRA (B = 0) to W_k, W_v of every attention block of both towers; freeze the rest   add_lora
     for task t = 1..T, with only task t's training images:                                  learn_tasks
-        S+ / S- of the pre-trained CLIP on task t's images and the seen classes' prompts    measure_gap
+        S+ / S- on task t's images and the seen prompts, of the pre-trained CLIP  measure_gap in pretrained_clip
         t = 1, gap preservation: fine-tune epoch by epoch (at most 10); at the first epoch  search_epochs
             e where S- drifts by more than alpha = 10% from the pre-trained S-(0), E* = max(e - 1, 1) for all
             tasks; task 1 keeps the probe's epoch 1 if E* = 1, else restarts from B = 0 (no drift: E* = 10)
@@ -13,6 +13,7 @@ Continual Learning" (ICCV 2025, arXiv 2507.09118). CLIP learns new classes task 
             of v and train on v; the rows of earlier tasks stay as they are
         predict over all seen classes: (softmax(softmax(s cos(v, t))) + 4 softmax(cos(v, w))) / 5  evaluate
     Avg = mean accuracy over the tasks, Last = accuracy after task T, forgetting        continual_metrics
+    later, new classes: the last state goes on with new tasks alone   learn_tasks(..., state=), --continue-from
 
     python mgclip.py --dataset cifar100   # the paper's CIFAR-100 B0 Inc10 (10 tasks): Avg 87.00 / Last 80.57
     python mgclip.py --dataset synthetic  # offline, a tiny CLIP on a CPU, ~10 s: Avg 46.48 / Last 32.81
@@ -704,14 +705,14 @@ class Benchmark:
         return dict(classnames=self.classnames, train_images=len(self.train), test_images=len(test))
 
 
-def continued(cfg, new: Benchmark, earlier: list[dict]) -> Benchmark:
+def continued(new: Benchmark, earlier: list[dict]) -> Benchmark:
     """A run that goes on from others: the test images of their classes while their data is there (else none: their
     tasks' accuracies are null), then the new data's, with the labels after the classes learned before."""
     names, tests = [], []
     for part in earlier:
         own = part["data"]["classnames"]
         try:
-            old = load_benchmark(Settings(**part["settings"]))
+            old = load_benchmark(Settings(**{**part["settings"], "download": False}))  # only while it is there
             gone = old.record() != part["data"]
         except UserError:
             gone = True
@@ -1470,7 +1471,7 @@ def set_up(cfg: Settings) -> Run:
             raise UserError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use tf32 (default)")
     data = load_benchmark(cfg)
     if cfg.continue_from:
-        data = continued(cfg, data, learned_from(cfg))
+        data = continued(data, learned_from(cfg))
     first = sum(len(part["data"]["classnames"]) for part in data.learned_from)  # learned by the runs before
     before = sum(part["settings"]["tasks"] for part in data.learned_from)
     ranges = [range(first + r.start, first + r.stop)
